@@ -1,0 +1,1 @@
+"""Networks: the classifier, the diffusion autoencoder and direction models."""
