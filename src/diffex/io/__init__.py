@@ -1,0 +1,1 @@
+"""Reading and writing run files: checkpoints, JSON, atomically."""

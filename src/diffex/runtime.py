@@ -1,0 +1,36 @@
+"""Devices, seeds and threads: set once per process."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+from diffex.errors import DiffexError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DiffexError("--device cuda was asked for but no CUDA GPU is available")
+    if name not in {"cpu", "cuda"}:
+        raise DiffexError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def configure_threads() -> None:
+    """Use every core once; OpenMP threads wait passively so a busy neighbour does not stall us."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, n))

@@ -1,0 +1,211 @@
+"""Classifier stage: train the built-in ResNet on a data set and write ``RUN/classifier/``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffex.data.loading import DataPlan, SplitData, plan_data, plan_summary
+from diffex.errors import DiffexError
+from diffex.evaluate.classification import classification_metrics, fit_temperature
+from diffex.io.atomic import write_json
+from diffex.io.checkpoint import load_config, load_state, save_module
+from diffex.log import info
+from diffex.models.classifier import ClassifierConfig, ResNetClassifier
+from diffex.report.plots import confusion_and_reliability, training_curve
+from diffex.rundir import RunDir
+from diffex.train.loop import EpochSampler, LoopConfig, run_loop
+
+
+@dataclass
+class ClassifierTrainConfig:
+    """Settings of the classifier stage."""
+
+    image_size: int = 64
+    preset: str = "small"
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    patience: int = 5
+    temperature_scaling: bool = True
+    augment: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("image_size", "epochs", "batch_size"):
+            if int(getattr(self, key)) < 1:
+                raise DiffexError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.image_size < 16:
+            raise DiffexError(f"image_size must be >= 16, got {self.image_size}")
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flips and 90-degree rotations, per image (microscopy has no 'up')."""
+    n = x.shape[0]
+    flip = torch.rand(n, generator=generator) < 0.5
+    k = torch.randint(0, 4, (n,), generator=generator)
+    x = torch.where(flip[:, None, None, None].to(x.device), x.flip(-1), x)
+    out = x.clone()
+    for r in range(1, 4):
+        sel = (k == r).nonzero().flatten().to(x.device)
+        if len(sel):
+            out[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
+    return out
+
+
+@torch.no_grad()
+def predict(
+    model: ResNetClassifier, x: torch.Tensor, device: torch.device, bs: int = 256
+) -> torch.Tensor:
+    """Logits for a tensor of images, in batches."""
+    model.eval()
+    out = [model.logits(x[i : i + bs].to(device)).float().cpu() for i in range(0, len(x), bs)]
+    return torch.cat(out)
+
+
+def train_classifier(
+    data: str | Path, run: str | Path, cfg: ClassifierTrainConfig, device: torch.device
+) -> dict[str, Any]:
+    """Split the data, train, calibrate, evaluate, write RUN/classifier/; return metrics."""
+    rd = RunDir(run).create()
+    plan, splits = plan_data(data, cfg.image_size, seed=cfg.seed)
+    for s in ("train", "val"):
+        if len(splits[s].y) == 0:
+            raise DiffexError(f"data {data} is too small: the {s} split is empty")
+    plan.save(rd.data_plan)
+    counts = plan_summary(plan)
+    info(f"classes {plan.classes}; images per split: {counts}")
+
+    torch.manual_seed(cfg.seed)
+    mcfg = ClassifierConfig.from_preset(cfg.preset, plan.channels, plan.image_size, plan.classes)
+    model = ResNetClassifier(mcfg)
+    model.set_input_stats(splits["train"].x)
+    model.to(device)
+
+    train = splits["train"]
+    steps_per_epoch = max(1, len(train.y) // min(cfg.batch_size, len(train.y)))
+    loop = LoopConfig(
+        steps=cfg.epochs * steps_per_epoch,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=min(steps_per_epoch, 100),
+        eval_every=steps_per_epoch,
+        patience=cfg.patience,
+        log_every=steps_per_epoch,
+    )
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    sampler = iter(EpochSampler(len(train.y), cfg.batch_size, cfg.seed))
+    batches = ((train.x[i], train.y[i]) for i in sampler)
+
+    def loss_fn(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int):
+        x, y = batch
+        if cfg.augment:
+            x = augment_batch(x, aug_gen)
+        logits = m(x.to(device))
+        return {"loss": F.cross_entropy(logits, y.to(device))}
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        logits = predict(m, splits["val"].x, device)
+        y = splits["val"].y
+        return {
+            "val_loss": float(F.cross_entropy(logits, y)),
+            "val_accuracy": float((logits.argmax(1) == y).float().mean()),
+        }
+
+    result = run_loop(
+        model,
+        loss_fn,
+        batches,
+        loop,
+        device,
+        evaluate=evaluate,
+        score_key="val_loss",
+        maximize=False,
+        desc="classifier",
+    )
+    model = result.model
+
+    temperature = 1.0
+    if cfg.temperature_scaling:
+        temperature = fit_temperature(predict(model, splits["val"].x, device), splits["val"].y)
+    model.temperature.fill_(temperature)
+
+    metrics: dict[str, Any] = {
+        "temperature": temperature,
+        "best_step": result.best_step,
+        "stopped_early": result.stopped_early,
+        "train_seconds": round(result.seconds, 1),
+        "counts": counts,
+    }
+    for s in ("val", "test"):
+        if len(splits[s].y):
+            metrics[s] = _split_metrics(model, splits[s], plan, device, temperature)
+    metrics["history"] = {"evals": result.evals}
+
+    out = rd.stage("classifier")
+    save_module(
+        out,
+        model,
+        {
+            "kind": "resnet",
+            "model": mcfg.to_dict(),
+            "train": asdict(cfg),
+            "loop": loop.to_dict(),
+            "temperature": temperature,
+        },
+    )
+    write_json(out / "metrics.json", metrics)
+    training_curve(
+        result.history,
+        result.evals,
+        out / "training_curve.png",
+        "classifier",
+        eval_keys=("val_loss", "val_accuracy"),
+    )
+    last = "test" if "test" in metrics else "val"
+    confusion_and_reliability(
+        metrics[last]["confusion_matrix"],
+        metrics[last]["reliability"],
+        plan.classes,
+        out / "confusion_reliability.png",
+        f"classifier ({last} split, T = {temperature:.2f})",
+    )
+    return metrics
+
+
+def _split_metrics(
+    model: ResNetClassifier,
+    split: SplitData,
+    plan: DataPlan,
+    device: torch.device,
+    temperature: float,
+) -> dict[str, Any]:
+    logits = predict(model, split.x, device)
+    labels = split.y.numpy()
+    calibrated = classification_metrics(
+        F.softmax(logits / temperature, 1).numpy(), labels, plan.classes
+    )
+    raw = classification_metrics(F.softmax(logits, 1).numpy(), labels, plan.classes)
+    calibrated["ece_before_temperature"] = raw["ece"]
+    calibrated["nll_before_temperature"] = raw["nll"]
+    calibrated["mean_max_probability"] = float(
+        np.max(F.softmax(logits / temperature, 1).numpy(), 1).mean()
+    )
+    return calibrated
+
+
+def load_classifier(run: str | Path, device: torch.device | str = "cpu") -> ResNetClassifier:
+    """Load the trained classifier of a run, frozen and in eval mode."""
+    folder = RunDir(run).require("classifier")
+    cfg = load_config(folder)
+    if cfg.get("kind") != "resnet" or "model" not in cfg:
+        raise DiffexError(f"{folder / 'config.json'} does not describe a DiffEx ResNet classifier")
+    model = ResNetClassifier(ClassifierConfig.from_dict(cfg["model"]))
+    load_state(model, folder / "model.safetensors")
+    return model.to(device).eval().requires_grad_(False)

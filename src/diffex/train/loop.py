@@ -1,0 +1,209 @@
+"""The one training loop shared by every stage: seeded batches, AdamW, warm-up + cosine LR,
+gradient clipping, EMA with warm-up, optional bf16 autocast, periodic evaluation with best-model
+selection and early stopping, progress bar."""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffex.errors import DiffexError
+from diffex.log import info, progress_bar
+
+
+@dataclass
+class LoopConfig:
+    """Optimisation settings of one training stage."""
+
+    steps: int
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 1.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # "cosine" or "constant" after warm-up
+    min_lr_ratio: float = 0.05
+    ema_decay: float = 0.0  # 0 disables EMA
+    eval_every: int = 0  # 0: evaluate only at the end (when an evaluator is given)
+    patience: int = 0  # stop after this many evaluations without improvement (0: never)
+    log_every: int = 50
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise DiffexError(f"steps must be >= 1, got {self.steps}")
+        if self.lr <= 0:
+            raise DiffexError(f"learning rate must be > 0, got {self.lr}")
+        if self.schedule not in {"cosine", "constant"}:
+            raise DiffexError(f"schedule must be cosine or constant, got {self.schedule!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise DiffexError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.precision not in {"fp32", "bf16"}:
+            raise DiffexError(f"precision must be fp32 or bf16, got {self.precision!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class EpochSampler:
+    """Endless seeded index batches: a fresh permutation per epoch, last partial batch dropped."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        if n < 1:
+            raise DiffexError("no training images")
+        self.n, self.batch_size = n, min(batch_size, n)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            perm = torch.randperm(self.n, generator=self.generator)
+            for i in range(0, self.n - self.batch_size + 1, self.batch_size):
+                yield perm[i : i + self.batch_size]
+
+
+class EMA:
+    """Exponential moving average of a module's weights, with the usual warm-up
+    ``decay_t = min(decay, (1 + t) / (10 + t))`` so early averages forget the random init."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        ema_params = dict(self.module.named_parameters())
+        for name, p in module.named_parameters():
+            ema_params[name].lerp_(p.detach(), 1.0 - d)
+        ema_bufs = dict(self.module.named_buffers())
+        for name, b in module.named_buffers():
+            ema_bufs[name].copy_(b)
+
+
+@dataclass
+class LoopResult:
+    """What a training run produced: per-step losses, evaluations and the chosen model."""
+
+    model: nn.Module
+    history: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    best_step: int | None = None
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+def lr_at(step: int, cfg: LoopConfig) -> float:
+    """Learning rate at ``step`` (0-based): linear warm-up, then constant or cosine decay."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    frac = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (
+        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+    )
+
+
+def run_loop(
+    module: nn.Module,
+    loss_fn: Callable[[nn.Module, Any, int], dict[str, torch.Tensor]],
+    batches: Iterator[Any],
+    cfg: LoopConfig,
+    device: torch.device,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    score_key: str | None = None,
+    maximize: bool = True,
+    callbacks: list[Callable[[int, nn.Module], None]] | None = None,
+    desc: str = "training",
+) -> LoopResult:
+    """Train ``module`` for ``cfg.steps`` steps of ``loss_fn(module, batch, step)['loss']``.
+
+    ``evaluate(model)`` runs every ``cfg.eval_every`` steps (and at the end) on the EMA model when
+    EMA is on; with ``score_key`` the best evaluated weights are kept and restored at the end,
+    and ``cfg.patience`` stops early. ``callbacks(step, model)`` run after each evaluation.
+    Returns the final (best or EMA) model.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, fused=fused
+    )
+    ema = EMA(module, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    result = LoopResult(model=module)
+    best_score, best_state, since_best = -math.inf, None, 0
+    eval_every = cfg.eval_every or cfg.steps
+    use_bf16 = cfg.precision == "bf16"
+    running: dict[str, float] = {}
+    start = time.perf_counter()
+    interactive = sys.stderr.isatty()
+    module.train()
+    with progress_bar() as bar:
+        task = bar.add_task(desc, total=cfg.steps, status="")
+        for step in range(cfg.steps):
+            batch = next(batches)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                losses = loss_fn(module, batch, step)
+            loss = losses["loss"]
+            if not torch.isfinite(loss):
+                raise DiffexError(
+                    f"{desc}: loss became {loss.item()} at step {step + 1}; "
+                    "try a lower learning rate or fp32 precision"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            if ema is not None:
+                ema.update(module)
+            record = {k: float(v.detach()) for k, v in losses.items()}
+            record["step"] = step + 1
+            record["lr"] = opt.param_groups[0]["lr"]
+            result.history.append(record)
+            for k, v in record.items():
+                running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
+            bar.update(task, advance=1, status=f"loss {running['loss']:.4f}")
+            if not interactive and ((step + 1) % cfg.log_every == 0 or step == 0):
+                info(f"{desc}: step {step + 1}/{cfg.steps} loss {running['loss']:.4f}")
+            last = step + 1 == cfg.steps
+            if evaluate is not None and ((step + 1) % eval_every == 0 or last):
+                model = ema.module if ema is not None else module
+                model.eval()
+                metrics = evaluate(model)
+                module.train()
+                metrics = {"step": step + 1, **metrics}
+                result.evals.append(metrics)
+                for cb in callbacks or []:
+                    cb(step + 1, model)
+                if score_key is not None:
+                    score = metrics[score_key] if maximize else -metrics[score_key]
+                    if score > best_score:
+                        best_score, since_best = score, 0
+                        best_state = copy.deepcopy(model.state_dict())
+                        result.best_step = step + 1
+                    else:
+                        since_best += 1
+                        if cfg.patience and since_best >= cfg.patience:
+                            result.stopped_early = True
+                            info(f"{desc}: early stop at step {step + 1} (best {result.best_step})")
+                            break
+    final = ema.module if ema is not None else module
+    if best_state is not None:
+        final.load_state_dict(best_state)
+    final.eval()
+    result.model = final
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,52 @@
+"""Shared test helpers: small image folders made inside the tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+torch.set_num_threads(2)
+
+
+def blob_image(rng: np.random.Generator, size: int, bright: bool, channels: int = 3) -> np.ndarray:
+    """An (H, W, C) uint8 image with a disc whose size depends on the class (easy to classify)."""
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = rng.uniform(size * 0.35, size * 0.65, 2)
+    r = rng.uniform(0.22, 0.32) * size if bright else rng.uniform(0.1, 0.18) * size
+    disc = ((yy - cy) ** 2 + (xx - cx) ** 2 < r**2).astype(np.float32)
+    img = 0.1 + 0.7 * disc[..., None] * rng.uniform(0.7, 1.0, channels)
+    img = img + rng.normal(0, 0.05, (size, size, channels))
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def write_png(path: Path, arr: np.ndarray) -> Path:
+    """Write (H, W) or (H, W, C) uint8 as PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr.squeeze() if arr.ndim == 3 and arr.shape[2] == 1 else arr).save(path)
+    return path
+
+
+def make_blob_folder(
+    root: Path,
+    n_per_class: int = 20,
+    size: int = 32,
+    classes: tuple[str, ...] = ("a", "b"),
+    seed: int = 0,
+) -> Path:
+    """An image folder of two easy classes (small vs large disc)."""
+    rng = np.random.default_rng(seed)
+    for k, cls in enumerate(classes):
+        for i in range(n_per_class):
+            write_png(root / cls / f"{cls}_{i:03d}.png", blob_image(rng, size, bright=k % 2 == 1))
+    return root
+
+
+@pytest.fixture
+def blob_folder(tmp_path: Path) -> Path:
+    return make_blob_folder(tmp_path / "blobs")
