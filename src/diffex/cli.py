@@ -205,6 +205,128 @@ def _print_classifier(metrics: dict[str, Any], run: Path) -> None:
     click.echo(f"classifier: {run / 'classifier'}")
 
 
+def _autoencoder_options(f: Any) -> Any:
+    options = [
+        click.option(
+            "--preset",
+            "ae_preset",
+            type=click.Choice(["tiny", "cpu64", "paper128"]),
+            default="cpu64",
+            show_default=True,
+            help="Network size: cpu64 for CPUs, paper128 is the authors' 128 px model.",
+        ),
+        click.option(
+            "--steps", "ae_steps", type=int, default=3000, show_default=True, help="Training steps."
+        ),
+        click.option(
+            "--batch-size",
+            "ae_batch_size",
+            type=int,
+            default=32,
+            show_default=True,
+            help="Images per step.",
+        ),
+        click.option(
+            "--lr",
+            "ae_lr",
+            type=float,
+            default=3e-4,
+            show_default=True,
+            help="AdamW learning rate.",
+        ),
+        click.option(
+            "--classifier-output",
+            type=click.Choice(["probs", "logits", "features"]),
+            default="probs",
+            show_default=True,
+            help="Which classifier output joins the encoder's w in z_sem.",
+        ),
+        click.option(
+            "--t-skew",
+            type=float,
+            default=1.0,
+            show_default=True,
+            help="Sample noisy timesteps more often (0 = uniform); teaches z early.",
+        ),
+        click.option(
+            "--consistency",
+            "consistency_weight",
+            type=float,
+            default=0.1,
+            show_default=True,
+            help="Weight of the classifier-consistency loss (0 turns it off).",
+        ),
+        click.option(
+            "--ddim-steps",
+            type=int,
+            default=50,
+            show_default=True,
+            help="DDIM steps for encoding and decoding in the evaluation.",
+        ),
+        click.option(
+            "--sample-every",
+            type=int,
+            default=500,
+            show_default=True,
+            help="Write a sample grid every N steps.",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _autoencoder_config(opts: Options, **kw: Any) -> Any:
+    from diffex.train.autoencoder import AutoencoderTrainConfig
+
+    return AutoencoderTrainConfig(
+        preset=kw["ae_preset"],
+        steps=kw["ae_steps"],
+        batch_size=kw["ae_batch_size"],
+        lr=kw["ae_lr"],
+        classifier_output=kw["classifier_output"],
+        t_skew=kw["t_skew"],
+        consistency_weight=kw["consistency_weight"],
+        ddim_steps=kw["ddim_steps"],
+        sample_every=kw["sample_every"],
+        seed=opts.seed,
+    )
+
+
+@cli.command("train-autoencoder", context_settings=CONTEXT)
+@click.option(
+    "--run",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Run folder with a trained classifier; writes RUN/autoencoder/.",
+)
+@_autoencoder_options
+@pass_options
+def train_autoencoder_cmd(opts: Options, run: Path, **kw: Any) -> None:
+    """Train the classifier-aware diffusion autoencoder on the run's training split.
+
+    z_sem = Linear([classifier output; encoder(x)]) conditions every UNet block. After training,
+    the EMA weights are evaluated on held-out images: decode(encode(x)) and decode(z, noise)
+    (PSNR, SSIM, classifier agreement), written to RUN/autoencoder/metrics.json with
+    reconstructions.png, training_curve.png and sample grids in RUN/autoencoder/samples/.
+    """
+    from diffex.train.autoencoder import train_autoencoder
+
+    device = opts.setup()
+    metrics = train_autoencoder(run, _autoencoder_config(opts, **kw), device)
+    _print_autoencoder(metrics, run)
+
+
+def _print_autoencoder(metrics: dict[str, Any], run: Path) -> None:
+    for name in ("roundtrip", "semantic_only"):
+        m = metrics[name]
+        click.echo(
+            f"{name}: PSNR {m['psnr']:.1f} dB, SSIM {m['ssim']:.3f}, classifier agreement "
+            f"{m['agreement']:.3f} (KL {m['kl']:.3f})"
+        )
+    click.echo(f"autoencoder: {run / 'autoencoder'} (grid: reconstructions.png)")
+
+
 @cli.command(context_settings=CONTEXT)
 @click.option(
     "--out",
@@ -216,27 +338,53 @@ def _print_classifier(metrics: dict[str, Any], run: Path) -> None:
 @click.option(
     "--n", "n", type=int, default=3000, show_default=True, help="Number of synthetic images."
 )
-@_classifier_options
+@click.option(
+    "--size",
+    type=int,
+    default=48,
+    show_default=True,
+    help="Synthetic image size in pixels (48 keeps CPU training short).",
+)
+@click.option(
+    "--classifier-epochs",
+    type=int,
+    default=20,
+    show_default=True,
+    help="Maximum classifier epochs.",
+)
+@click.option(
+    "--ae-steps",
+    type=int,
+    default=3000,
+    show_default=True,
+    help="Autoencoder training steps (0 skips the autoencoder).",
+)
 @pass_options
-def demo(opts: Options, out: Path, n: int, **kw: Any) -> None:
+def demo(
+    opts: Options, out: Path, n: int, size: int, classifier_epochs: int, ae_steps: int
+) -> None:
     """Run the pipeline on the built-in synthetic cells and print where the results are.
 
-    Synthesises the benchmark into OUT/data (reused when already there), then trains the
-    classifier into OUT/classifier.
+    Synthesises the benchmark into OUT/data (reused when already there), trains the classifier
+    into OUT/classifier and the diffusion autoencoder into OUT/autoencoder.
     """
     from diffex.data.spec import load_spec
     from diffex.data.synth import generate
-    from diffex.train.classifier import train_classifier
+    from diffex.train.autoencoder import AutoencoderTrainConfig, train_autoencoder
+    from diffex.train.classifier import ClassifierTrainConfig, train_classifier
 
     device = opts.setup()
     data = out / "data"
     if (data / "factors.csv").is_file():
         click.echo(f"reusing synthetic data in {data}")
     else:
-        generate(load_spec(None), data, n=n, seed=opts.seed, fmt="png", overwrite=True)
+        generate(load_spec(None), data, n=n, seed=opts.seed, size=size, fmt="png", overwrite=True)
         click.echo(f"synthetic data: {data} (contact sheet: {data / 'contact_sheet.png'})")
-    metrics = train_classifier(data, out, _classifier_config(opts, **kw), device)
-    _print_classifier(metrics, out)
+    ccfg = ClassifierTrainConfig(image_size=size, epochs=classifier_epochs, seed=opts.seed)
+    _print_classifier(train_classifier(data, out, ccfg, device), out)
+    if ae_steps > 0:
+        acfg = AutoencoderTrainConfig(steps=ae_steps, seed=opts.seed)
+        _print_autoencoder(train_autoencoder(out, acfg, device), out)
     click.echo(f"results: {out.resolve()}")
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffex.data.display import DEFAULT_COLORS
 from diffex.data.images import DEFAULT_MAX_PIXELS, dtype_max, read_image
-from diffex.data.sources import DEFAULT_COLORS, Record, Source, open_source
+from diffex.data.sources import Record, Source, open_source
 from diffex.data.splits import SPLITS, make_splits
 from diffex.errors import DiffexError
 from diffex.io.atomic import read_json, write_json

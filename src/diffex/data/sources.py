@@ -7,12 +7,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffex.data.display import DEFAULT_COLORS
 from diffex.data.images import is_image_file
 from diffex.errors import DiffexError
 from diffex.io.atomic import read_json
 from diffex.log import warn
-
-DEFAULT_COLORS = ["#3b6cff", "#3bd15a", "#ff4fd8", "#ffb13b", "#3be0e0", "#e03b3b"]
 
 
 @dataclass

@@ -131,7 +131,8 @@ def run_loop(
 
     ``evaluate(model)`` runs every ``cfg.eval_every`` steps (and at the end) on the EMA model when
     EMA is on; with ``score_key`` the best evaluated weights are kept and restored at the end,
-    and ``cfg.patience`` stops early. ``callbacks(step, model)`` run after each evaluation.
+    and ``cfg.patience`` stops early. ``callbacks(step, model)`` run at the same points
+    (every ``cfg.eval_every`` steps and at the end), e.g. to write sample grids.
     Returns the final (best or EMA) model.
     """
     params = [p for p in module.parameters() if p.requires_grad]
@@ -179,15 +180,18 @@ def run_loop(
             if not interactive and ((step + 1) % cfg.log_every == 0 or step == 0):
                 info(f"{desc}: step {step + 1}/{cfg.steps} loss {running['loss']:.4f}")
             last = step + 1 == cfg.steps
-            if evaluate is not None and ((step + 1) % eval_every == 0 or last):
+            due = (step + 1) % eval_every == 0 or last
+            if due and callbacks:
+                model = ema.module if ema is not None else module
+                for cb in callbacks:
+                    cb(step + 1, model)
+                module.train()
+            if evaluate is not None and due:
                 model = ema.module if ema is not None else module
                 model.eval()
-                metrics = evaluate(model)
+                metrics = {"step": step + 1, **evaluate(model)}
                 module.train()
-                metrics = {"step": step + 1, **metrics}
                 result.evals.append(metrics)
-                for cb in callbacks or []:
-                    cb(step + 1, model)
                 if score_key is not None:
                     score = metrics[score_key] if maximize else -metrics[score_key]
                     if score > best_score:

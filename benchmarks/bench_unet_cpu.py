@@ -1,0 +1,77 @@
+"""Micro-benchmark: parameters and forward+backward time of the ``cpu64`` UNet (and the full
+autoencoder step) on this CPU at batch 32.
+
+Run: ``OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_unet_cpu.py [--preset cpu64] [--batch 32]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from diffex.models.encoder import ENCODER_PRESETS, SemanticEncoder
+from diffex.models.unet import UNET_PRESETS, UNet, count_parameters
+
+
+def time_step(
+    unet: UNet, encoder: SemanticEncoder, batch: int, repeats: int, channels_last: bool
+) -> tuple[float, float]:
+    """Median ms of (UNet fwd+bwd, encoder+UNet fwd+bwd) on random data."""
+    cfg = unet.config
+    x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        unet.to(memory_format=torch.channels_last)
+        encoder.to(memory_format=torch.channels_last)
+    t = torch.randint(0, 1000, (batch,))
+    z = torch.randn(batch, cfg.z_dim)
+    proj = torch.nn.Linear(encoder.config.out_dim, cfg.z_dim)
+
+    def unet_only() -> None:
+        unet(x, t, z).square().mean().backward()
+
+    def full() -> None:
+        unet(x, t, proj(encoder(x))).square().mean().backward()
+
+    results = []
+    for fn in (unet_only, full):
+        fn()  # warm-up (allocations, oneDNN kernel selection)
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1000)
+        results.append(sorted(times)[len(times) // 2])
+    return results[0], results[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--preset", default="cpu64", choices=list(UNET_PRESETS))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-channels-last", action="store_true", help="keep NCHW layout")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    unet = UNet(UNET_PRESETS[args.preset]).train()
+    encoder = SemanticEncoder(ENCODER_PRESETS[args.preset]).train()
+    print(
+        f"preset {args.preset}: UNet {count_parameters(unet):,} params, "
+        f"encoder {count_parameters(encoder):,} params"
+    )
+    channels_last = not args.no_channels_last
+    unet_ms, full_ms = time_step(unet, encoder, args.batch, args.repeats, channels_last)
+    layout = "channels_last" if channels_last else "NCHW"
+    print(
+        f"batch {args.batch}, {args.threads} threads, {layout}: UNet fwd+bwd {unet_ms:.0f} ms, "
+        f"encoder+UNet fwd+bwd {full_ms:.0f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()

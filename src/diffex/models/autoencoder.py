@@ -1,0 +1,365 @@
+"""Classifier-aware diffusion autoencoder (DiffAE variant, DESIGN.md 1.2 and 1.3).
+
+``z_sem = Linear([C_out(x); E(x)])`` where C is the frozen classifier (kept in eval mode, never a
+registered submodule: not saved, not trained, not switched to train mode) and E the semantic
+encoder; a UNet predicts the noise from (x_t, t, z_sem). ``encode`` / ``decode`` are deterministic
+DDIM inversion / sampling on the same step schedule, so ``decode(*encode(x))`` reproduces x.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffex.diffusion import (
+    Progress,
+    Schedule,
+    ScheduleKind,
+    ddim_decode,
+    ddim_encode,
+    predict_x0,
+    q_sample,
+    sample_timesteps,
+)
+from diffex.errors import DiffexError
+from diffex.models.encoder import ENCODER_PRESETS, EncoderConfig, SemanticEncoder
+from diffex.models.protocol import Classifier
+from diffex.models.unet import UNET_PRESETS, UNet, UNetConfig
+
+ClassifierOutput = Literal["probs", "logits", "features"]
+CLASSIFIER_OUTPUTS: tuple[str, ...] = ("probs", "logits", "features")
+
+
+@dataclass
+class AutoencoderConfig:
+    """The autoencoder: UNet and encoder architectures (configs or preset names), latent size,
+    which classifier output feeds z_sem, and the noise schedule.
+
+    ``z_dim`` (when set) overrides ``unet.z_dim``; after construction both agree.
+    """
+
+    unet: UNetConfig | str = "cpu64"
+    encoder: EncoderConfig | str | None = None
+    z_dim: int | None = None
+    classifier_output: ClassifierOutput = "probs"
+    schedule: ScheduleKind = "linear"
+    T: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.unet, str):
+            if self.encoder is None:
+                self.encoder = self.unet
+            self.unet = _preset(UNET_PRESETS, self.unet, "UNet")
+        if isinstance(self.encoder, str):
+            self.encoder = _preset(ENCODER_PRESETS, self.encoder, "encoder")
+        if self.encoder is None:
+            raise DiffexError("autoencoder config: give an encoder config or preset name")
+        if self.z_dim is None:
+            self.z_dim = self.unet.z_dim
+        elif self.unet.z_dim != self.z_dim:
+            self.unet = replace(self.unet, z_dim=self.z_dim)
+        if self.classifier_output not in CLASSIFIER_OUTPUTS:
+            raise DiffexError(
+                f"classifier_output {self.classifier_output!r} must be one of "
+                f"{', '.join(CLASSIFIER_OUTPUTS)}"
+            )
+        enc, un = self.encoder, self.unet
+        if (enc.in_channels, enc.image_size) != (un.in_channels, un.image_size):
+            raise DiffexError(
+                f"encoder ({enc.in_channels} channels, {enc.image_size} px) and UNet "
+                f"({un.in_channels} channels, {un.image_size} px) must agree"
+            )
+
+    @classmethod
+    def from_preset(
+        cls, name: str, in_channels: int, image_size: int | None = None, **kwargs: Any
+    ) -> AutoencoderConfig:
+        """A preset (``paper128``, ``cpu64``, ``tiny``) adapted to the data's channels and size."""
+        unet = _preset(UNET_PRESETS, name, "UNet")
+        enc = _preset(ENCODER_PRESETS, name, "encoder")
+        size = image_size or unet.image_size
+        return cls(
+            unet=replace(unet, in_channels=in_channels, image_size=size),
+            encoder=replace(enc, in_channels=in_channels, image_size=size),
+            **kwargs,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        assert isinstance(self.unet, UNetConfig) and isinstance(self.encoder, EncoderConfig)
+        return {
+            "unet": self.unet.to_dict(),
+            "encoder": self.encoder.to_dict(),
+            "z_dim": self.z_dim,
+            "classifier_output": self.classifier_output,
+            "schedule": self.schedule,
+            "T": self.T,
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AutoencoderConfig:
+        data = dict(data)
+        if isinstance(data.get("unet"), dict):
+            data["unet"] = UNetConfig.from_dict(data["unet"])
+        if isinstance(data.get("encoder"), dict):
+            data["encoder"] = EncoderConfig.from_dict(data["encoder"])
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise DiffexError(f"unknown autoencoder config keys: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+def _preset(table: dict[str, Any], name: str, what: str) -> Any:
+    if name not in table:
+        raise DiffexError(f"unknown {what} preset {name!r}; choose from {', '.join(table)}")
+    return table[name]
+
+
+class _FrozenRef:
+    """Holds the classifier outside the module tree; shared (not copied) by ``copy.deepcopy``."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Classifier) -> None:
+        self.obj = obj
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _FrozenRef:
+        return self
+
+
+def freeze_classifier(classifier: Classifier) -> None:
+    """Turn off gradients for the classifier's parameters and put it in eval mode (if it can)."""
+    params = getattr(classifier, "parameters", None)
+    if callable(params):
+        for p in params():
+            p.requires_grad_(False)
+    set_eval = getattr(classifier, "eval", None)
+    if callable(set_eval):
+        set_eval()
+
+
+def _chunks(x: Tensor, batch_size: int | None) -> Iterator[Tensor]:
+    step = batch_size if batch_size and batch_size > 0 else max(1, x.shape[0])
+    yield from x.split(step)
+
+
+def straight_through_clamp(x: Tensor, lo: float = -1.0, hi: float = 1.0) -> Tensor:
+    """Clamp in the forward pass, identity gradient in the backward pass."""
+    return x + (x.clamp(lo, hi) - x).detach()
+
+
+class DiffusionAutoencoder(nn.Module):
+    """Semantic encoder + z projection + noise-prediction UNet, with a frozen classifier alongside.
+
+    The classifier is not a submodule: it is absent from ``parameters()`` and ``state_dict()``,
+    its parameters never require grad, and ``train()`` always puts it back in eval mode.
+    ``.to(device)`` also moves it (device only).
+    """
+
+    def __init__(self, config: AutoencoderConfig, classifier: Classifier) -> None:
+        super().__init__()
+        assert isinstance(config.unet, UNetConfig) and isinstance(config.encoder, EncoderConfig)
+        if classifier.in_channels != config.unet.in_channels:
+            raise DiffexError(
+                f"classifier takes {classifier.in_channels} channels but the autoencoder "
+                f"{config.unet.in_channels}"
+            )
+        if classifier.image_size != config.unet.image_size:
+            raise DiffexError(
+                f"classifier takes {classifier.image_size} px images but the autoencoder "
+                f"{config.unet.image_size} px"
+            )
+        self.config = config
+        self._classifier_ref = _FrozenRef(classifier)
+        freeze_classifier(classifier)
+        cls_dim = (
+            int(classifier.feature_dim)
+            if config.classifier_output == "features"
+            else len(classifier.class_names)
+        )
+        self.cls_dim = cls_dim
+        self.encoder = SemanticEncoder(config.encoder)
+        self.z_proj = nn.Linear(cls_dim + config.encoder.out_dim, int(config.z_dim or 0))
+        self.unet = UNet(config.unet)
+        self.schedule = Schedule.from_config(
+            config.schedule, config.T, config.beta_start, config.beta_end
+        )
+
+    # ------------------------------------------------------------------ classifier plumbing
+    @property
+    def classifier(self) -> Classifier:
+        return self._classifier_ref.obj
+
+    def train(self, mode: bool = True) -> DiffusionAutoencoder:
+        super().train(mode)
+        freeze_classifier(self.classifier)
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> DiffusionAutoencoder:
+        super().to(*args, **kwargs)
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        move = getattr(self.classifier, "to", None)
+        if device is not None and callable(move):
+            move(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def classifier_output(self, x: Tensor) -> Tensor:
+        """The configured classifier output on x (no gradient), float32, shape (N, cls_dim)."""
+        c = self.classifier
+        fn = {"probs": c.probs, "logits": c.logits, "features": c.features}
+        with torch.no_grad():
+            return fn[self.config.classifier_output](x).float()
+
+    def classifier_logits_with_grad(self, x: Tensor) -> Tensor:
+        """Classifier logits with gradients flowing through the frozen classifier into x."""
+        return self.classifier.logits(x)
+
+    def classifier_probs_with_grad(self, x: Tensor) -> Tensor:
+        """Classifier probabilities (with its own temperature) with gradients into x."""
+        return self.classifier.probs(x)
+
+    # ------------------------------------------------------------------ network pieces
+    def semantic(self, x: Tensor) -> Tensor:
+        """z_sem = z_proj([C_out(x); E(x)]); gradients reach the encoder and z_proj only."""
+        return self.z_proj(torch.cat([self.classifier_output(x), self.encoder(x).float()], dim=1))
+
+    def eps(self, x_t: Tensor, t: Tensor, z: Tensor) -> Tensor:
+        """Predicted noise in x_t at steps t given z_sem."""
+        return self.unet(x_t, t, z)
+
+    def _eps_fn(self, x_t: Tensor, t: Tensor, z: Tensor | None) -> Tensor:
+        assert z is not None
+        return self.unet(x_t, t, z)
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    # ------------------------------------------------------------------ encode / decode
+    def encode(
+        self,
+        x: Tensor,
+        steps: int = 50,
+        batch_size: int | None = None,
+        progress: Progress | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """(z_sem, x_T): semantic latent and deterministic DDIM inversion of x in [-1, 1].
+
+        Runs in eval mode under ``torch.inference_mode`` in chunks of ``batch_size``; results are
+        ordinary tensors on x's device.
+        """
+        zs, xts = [], []
+        with self._eval_mode(), torch.inference_mode():
+            for chunk in _chunks(x, batch_size):
+                chunk = chunk.to(self.device, self._dtype())
+                z = self.semantic(chunk)
+                zs.append(z)
+                xts.append(ddim_encode(self._eps_fn, chunk, steps, self.schedule, z, progress))
+        return torch.cat(zs).to(x.device), torch.cat(xts).to(x.device)
+
+    def decode(
+        self,
+        z: Tensor,
+        x_T: Tensor | None = None,
+        steps: int = 50,
+        batch_size: int | None = None,
+        generator: torch.Generator | None = None,
+        progress: Progress | None = None,
+    ) -> Tensor:
+        """Deterministic DDIM decoding of (z_sem, x_T) to images in [-1, 1] (clamped at the end).
+
+        ``x_T=None`` draws Gaussian noise (from ``generator``): a semantic-only reconstruction.
+        """
+        cfg = self.config.unet
+        assert isinstance(cfg, UNetConfig)
+        out_device = z.device
+        if x_T is None:
+            shape = (z.shape[0], cfg.in_channels, cfg.image_size, cfg.image_size)
+            gen_device = generator.device if generator is not None else self.device
+            x_T = torch.randn(shape, generator=generator, device=gen_device)
+        outs = []
+        with self._eval_mode(), torch.inference_mode():
+            for zc, xc in zip(_chunks(z, batch_size), _chunks(x_T, batch_size), strict=True):
+                zc = zc.to(self.device, torch.float32)
+                xc = xc.to(self.device, self._dtype())
+                outs.append(ddim_decode(self._eps_fn, xc, steps, self.schedule, zc, progress))
+        return torch.cat(outs).clamp_(-1, 1).to(out_device)
+
+    def reconstruct(self, x: Tensor, steps: int = 50, batch_size: int | None = None) -> Tensor:
+        """decode(encode(x)) with the same step schedule."""
+        z, x_T = self.encode(x, steps, batch_size)
+        return self.decode(z, x_T, steps, batch_size)
+
+    # ------------------------------------------------------------------ training
+    def training_loss(
+        self,
+        x: Tensor,
+        generator: torch.Generator | None = None,
+        t_skew: float = 0.0,
+        consistency_weight: float = 0.0,
+        consistency_tmax: int = 200,
+        consistency_fraction: float = 1.0,
+    ) -> dict[str, Tensor]:
+        """Epsilon-prediction MSE plus an optional classifier-consistency term.
+
+        Consistency: on the first ``consistency_fraction`` of the batch, a second UNet pass at
+        t ~ U[0, consistency_tmax) gives the one-step estimate x0_hat (straight-through clamped to
+        [-1, 1]); the term is KL(C(x) || C(x0_hat)) on class probabilities and back-propagates
+        through the frozen classifier into the UNet, z_proj and encoder. Returns 'loss', 'mse',
+        'consistency' (zero when the weight is 0).
+        """
+        n = x.shape[0]
+        T = self.schedule.T
+        z = self.semantic(x)
+        t = sample_timesteps(n, T, generator, t_skew, device=x.device)
+        noise = _randn_like(x, generator)
+        x_t = q_sample(self.schedule, x, t, noise)
+        mse = F.mse_loss(self.unet(x_t, t, z).float(), noise.float())
+        consistency = torch.zeros((), device=x.device)
+        if consistency_weight > 0:
+            m = max(1, min(n, round(n * consistency_fraction)))
+            tmax = max(1, min(int(consistency_tmax), T))
+            tc = sample_timesteps(m, tmax, generator, 0.0, device=x.device)
+            xc, noise_c = x[:m], _randn_like(x[:m], generator)
+            xc_t = q_sample(self.schedule, xc, tc, noise_c)
+            x0_hat = predict_x0(self.schedule, xc_t, tc, self.unet(xc_t, tc, z[:m]))
+            consistency = classifier_kl(self.classifier, xc, straight_through_clamp(x0_hat.float()))
+        loss = mse + consistency_weight * consistency
+        return {"loss": loss, "mse": mse, "consistency": consistency}
+
+
+def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def classifier_kl(classifier: Classifier, x: Tensor, x_hat: Tensor, eps: float = 1e-8) -> Tensor:
+    """Mean KL(C(x) || C(x_hat)) over the batch; C(x) is a fixed target, gradients flow to x_hat."""
+    with torch.no_grad():
+        p = classifier.probs(x).float()
+    log_q = classifier.probs(x_hat).float().clamp_min(eps).log()
+    return (torch.xlogy(p, p) - p * log_q).sum(dim=1).mean()

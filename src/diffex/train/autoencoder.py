@@ -1,0 +1,241 @@
+"""Autoencoder stage: train the classifier-aware diffusion autoencoder into ``RUN/autoencoder/``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffex.data.loading import DataPlan, load_split
+from diffex.errors import DiffexError
+from diffex.evaluate.fidelity import classifier_agreement, pixel_metrics
+from diffex.io.atomic import write_json
+from diffex.io.checkpoint import load_config, load_state, save_module
+from diffex.log import info
+from diffex.models.autoencoder import AutoencoderConfig, DiffusionAutoencoder
+from diffex.models.protocol import Classifier
+from diffex.report.grids import reconstruction_grid
+from diffex.report.plots import training_curve
+from diffex.rundir import RunDir
+from diffex.train.classifier import augment_batch, load_classifier
+from diffex.train.loop import EpochSampler, LoopConfig, run_loop
+
+
+@dataclass
+class AutoencoderTrainConfig:
+    """Settings of the autoencoder stage (model preset, optimisation, semantic-pathway levers)."""
+
+    preset: str = "cpu64"
+    classifier_output: str = "probs"
+    z_dim: int | None = None
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    t_skew: float = 1.0
+    consistency_weight: float = 0.1
+    consistency_start: int = 500
+    consistency_ramp: int = 500
+    consistency_tmax: int = 200
+    augment: bool = True
+    sample_every: int = 500
+    eval_images: int = 128
+    ddim_steps: int = 50
+    precision: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "eval_images", "ddim_steps"):
+            if int(getattr(self, key)) < 1:
+                raise DiffexError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.t_skew < 0:
+            raise DiffexError(f"t_skew must be >= 0, got {self.t_skew}")
+        if self.consistency_weight < 0:
+            raise DiffexError(f"consistency_weight must be >= 0, got {self.consistency_weight}")
+        if self.precision not in {"auto", "fp32", "bf16"}:
+            raise DiffexError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+    def consistency_at(self, step: int) -> float:
+        """Consistency weight at ``step``: 0 before ``consistency_start``, then a linear ramp."""
+        if self.consistency_weight == 0 or step < self.consistency_start:
+            return 0.0
+        ramp = min(1.0, (step - self.consistency_start + 1) / max(1, self.consistency_ramp))
+        return self.consistency_weight * ramp
+
+
+def heldout_subset(plan: DataPlan, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``n`` test images (validation when there is no test split), balanced over classes."""
+    split = "test" if plan.splits.get("test") else "val"
+    data = load_split(plan, split)
+    rng = np.random.default_rng(seed)
+    labels = data.y.numpy()
+    per = max(1, n // len(plan.classes))
+    idx = np.concatenate(
+        [rng.permutation(np.flatnonzero(labels == c))[:per] for c in range(len(plan.classes))]
+    )
+    idx = np.sort(idx)
+    return data.x[idx], data.y[idx]
+
+
+def train_autoencoder(
+    run: str | Path, cfg: AutoencoderTrainConfig, device: torch.device
+) -> dict[str, Any]:
+    """Train on the run's training split; evaluate on held-out images; write RUN/autoencoder/."""
+    rd = RunDir(run)
+    plan = rd.load_plan()
+    classifier = load_classifier(run, device)
+    train = load_split(plan, "train")
+    out = rd.stage("autoencoder")
+    torch.manual_seed(cfg.seed)
+    model_cfg = AutoencoderConfig.from_preset(
+        cfg.preset,
+        plan.channels,
+        plan.image_size,
+        classifier_output=cfg.classifier_output,
+        **({"z_dim": cfg.z_dim} if cfg.z_dim else {}),
+    )
+    model = DiffusionAutoencoder(model_cfg, classifier).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    info(f"autoencoder: {n_params / 1e6:.2f} M parameters, {len(train.y)} training images")
+
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    loop = LoopConfig(
+        steps=cfg.steps,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        schedule="constant",
+        ema_decay=cfg.ema_decay,
+        eval_every=cfg.sample_every,
+        log_every=max(1, cfg.steps // 50),
+        precision=precision,
+    )
+    gen = torch.Generator().manual_seed(cfg.seed + 11)
+    sampler = iter(EpochSampler(len(train.y), cfg.batch_size, cfg.seed))
+    batches = (train.x[i] for i in sampler)
+
+    def loss_fn(m: torch.nn.Module, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        if cfg.augment:
+            x = augment_batch(x, gen)
+        return m.training_loss(
+            x.to(device),
+            generator=gen,
+            t_skew=cfg.t_skew,
+            consistency_weight=cfg.consistency_at(step),
+            consistency_tmax=cfg.consistency_tmax,
+        )
+
+    held_x, held_y = heldout_subset(plan, cfg.eval_images, cfg.seed)
+    pidx = _preview_index(held_y, len(plan.classes), per_class=4)
+    preview, plabels = held_x[pidx], [plan.classes[int(held_y[i])] for i in pidx]
+
+    def sample_grid(step: int, m: torch.nn.Module) -> None:
+        recon, zonly = _roundtrips(m, preview, steps=20, seed=cfg.seed)
+        reconstruction_grid(
+            preview,
+            recon,
+            zonly,
+            plan,
+            out / "samples" / f"step_{step:06d}.png",
+            title=f"step {step} (20 DDIM steps)",
+            labels=plabels,
+        )
+
+    result = run_loop(
+        model, loss_fn, batches, loop, device, callbacks=[sample_grid], desc="autoencoder"
+    )
+    ema = result.model
+    config = {
+        "model": model_cfg.to_dict(),
+        "train": asdict(cfg),
+        "loop": loop.to_dict(),
+        "classifier": str(rd.stage("classifier")),
+    }
+    save_module(out, ema, config)
+
+    info(f"autoencoder: evaluating on {len(held_y)} held-out images ({cfg.ddim_steps} DDIM steps)")
+    metrics = evaluate_autoencoder(
+        ema, classifier, held_x, held_y, plan, cfg.ddim_steps, cfg.seed, out / "reconstructions.png"
+    )
+    metrics["train_seconds"] = round(result.seconds, 1)
+    metrics["steps"] = cfg.steps
+    metrics["images_seen"] = cfg.steps * min(cfg.batch_size, len(train.y))
+    metrics["history"] = result.history[:: max(1, len(result.history) // 500)]
+    write_json(out / "metrics.json", metrics)
+    training_curve(result.history, [], out / "training_curve.png", "autoencoder")
+    return metrics
+
+
+def _preview_index(y: torch.Tensor, n_classes: int, per_class: int) -> list[int]:
+    """The first ``per_class`` images of every class."""
+    return [int(i) for c in range(n_classes) for i in np.flatnonzero(y.numpy() == c)[:per_class]]
+
+
+def _roundtrips(
+    model: DiffusionAutoencoder, x: torch.Tensor, steps: int, seed: int, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact reconstructions decode(encode(x)) and semantic-only ones decode(z, noise)."""
+    z, x_T = model.encode(x, steps, batch_size)
+    recon = model.decode(z, x_T, steps, batch_size)
+    gen = torch.Generator(device=model.device).manual_seed(seed + 12345)
+    zonly = model.decode(z, None, steps, batch_size, generator=gen)
+    return recon.cpu(), zonly.cpu()
+
+
+def evaluate_autoencoder(
+    model: DiffusionAutoencoder,
+    classifier: Classifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    plan: DataPlan,
+    steps: int,
+    seed: int,
+    grid_path: Path | None = None,
+) -> dict[str, Any]:
+    """Round-trip and semantic-only fidelity on held-out images, overall and per condition."""
+    recon, zonly = _roundtrips(model, x, steps, seed)
+    metrics: dict[str, Any] = {"n_images": len(y), "ddim_steps": steps}
+    for name, copy in (("roundtrip", recon), ("semantic_only", zonly)):
+        m = pixel_metrics(x, copy)
+        m.update(classifier_agreement(classifier, x, copy))
+        m["per_class_agreement"] = {
+            c: classifier_agreement(classifier, x[y == i], copy[y == i])["agreement"]
+            for i, c in enumerate(plan.classes)
+            if (y == i).any()
+        }
+        metrics[name] = m
+    if grid_path is not None:
+        idx = _preview_index(y, len(plan.classes), per_class=6)
+        reconstruction_grid(
+            x[idx],
+            recon[idx],
+            zonly[idx],
+            plan,
+            grid_path,
+            title=f"held-out cells: originals, exact and semantic-only reconstructions "
+            f"({steps} DDIM steps)",
+            labels=[plan.classes[int(y[i])] for i in idx],
+        )
+    return metrics
+
+
+def load_autoencoder(
+    run: str | Path, device: torch.device | str = "cpu", classifier: Classifier | None = None
+) -> DiffusionAutoencoder:
+    """Load a run's trained autoencoder (EMA weights) with its classifier, in eval mode."""
+    rd = RunDir(run)
+    folder = rd.require("autoencoder")
+    cfg = load_config(folder)
+    if "model" not in cfg:
+        raise DiffexError(f"{folder / 'config.json'} does not describe a DiffEx autoencoder")
+    classifier = classifier if classifier is not None else load_classifier(run, device)
+    model = DiffusionAutoencoder(AutoencoderConfig.from_dict(cfg["model"]), classifier)
+    load_state(model, folder / "model.safetensors")
+    return model.to(device).eval()

@@ -1,0 +1,193 @@
+"""The tiny UNet / encoder and the classifier-aware diffusion autoencoder."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffex.errors import DiffexError
+from diffex.models.autoencoder import AutoencoderConfig, DiffusionAutoencoder
+from diffex.models.encoder import ENCODER_PRESETS, SemanticEncoder
+from diffex.models.protocol import Classifier
+from diffex.models.unet import UNET_PRESETS, UNet, count_parameters
+
+SIZE = 16
+
+
+class TinyClassifier(nn.Module):
+    """A Protocol-conforming conv net with BatchNorm and dropout, so eval mode matters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.class_names = ["a", "b"]
+        self.in_channels, self.image_size, self.feature_dim = 3, SIZE, 8
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Dropout(0.5),
+            nn.Linear(8, 8),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(8, 2)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softmax(self.logits(x), dim=1)
+
+
+def _images(n: int = 8, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, SIZE, SIZE, generator=g) * 2 - 1
+
+
+def _make(output: str = "probs", seed: int = 0) -> tuple[DiffusionAutoencoder, TinyClassifier]:
+    torch.manual_seed(seed)
+    clf = TinyClassifier()
+    clf.train()  # the autoencoder must switch it to eval
+    cfg = AutoencoderConfig.from_preset("tiny", in_channels=3, classifier_output=output, T=100)
+    return DiffusionAutoencoder(cfg, clf), clf
+
+
+def _wake(ae: DiffusionAutoencoder) -> None:
+    """Give every zero-initialised parameter small random values (a 'trained' network)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in ae.parameters():
+            if p.abs().sum() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_preset_sizes():
+    assert count_parameters(UNet(UNET_PRESETS["tiny"])) < 200_000
+    assert count_parameters(SemanticEncoder(ENCODER_PRESETS["tiny"])) < 200_000
+    cfg = AutoencoderConfig(unet="cpu64")
+    assert cfg.encoder == ENCODER_PRESETS["cpu64"] and cfg.z_dim == cfg.unet.z_dim
+
+
+def test_unet_shape_and_zero_init():
+    unet = UNet(UNET_PRESETS["tiny"])
+    x = torch.randn(3, 3, SIZE, SIZE)
+    out = unet(x, torch.tensor([0, 50, 99]), torch.randn(3, unet.config.z_dim))
+    assert out.shape == x.shape
+    assert torch.count_nonzero(out) == 0
+    cl = x.contiguous(memory_format=torch.channels_last)
+    out_cl = unet.to(memory_format=torch.channels_last)(cl, torch.tensor(5), torch.zeros(3, 16))
+    assert out_cl.shape == x.shape
+
+
+def test_config_round_trip_and_errors():
+    cfg = AutoencoderConfig.from_preset("tiny", in_channels=3, z_dim=24)
+    assert cfg.unet.z_dim == 24
+    again = AutoencoderConfig.from_dict(cfg.to_dict())
+    assert again.to_dict() == cfg.to_dict() and again.unet == cfg.unet
+    with pytest.raises(DiffexError, match="unknown UNet preset"):
+        AutoencoderConfig(unet="huge")
+    with pytest.raises(DiffexError, match="classifier_output"):
+        AutoencoderConfig(unet="tiny", classifier_output="softmax")
+    with pytest.raises(DiffexError, match="channels"):
+        DiffusionAutoencoder(AutoencoderConfig.from_preset("tiny", in_channels=1), TinyClassifier())
+
+
+def test_classifier_frozen_hidden_and_eval():
+    ae, clf = _make()
+    assert isinstance(clf, Classifier)
+    assert not clf.training and not any(m.training for m in clf.modules())
+    ae.train()
+    assert ae.training and ae.unet.training
+    assert not any(m.training for m in clf.modules())
+    clf_params = {id(p) for p in clf.parameters()}
+    assert not clf_params & {id(p) for p in ae.parameters()}
+    assert not any(k.startswith(("classifier", "_classifier")) for k in ae.state_dict())
+    assert all(not p.requires_grad for p in clf.parameters())
+    assert copy.deepcopy(ae).classifier is clf  # EMA copies share the classifier
+
+
+@pytest.mark.parametrize("output", ["probs", "logits", "features"])
+def test_semantic_latent_shape(output):
+    ae, _ = _make(output)
+    z = ae.semantic(_images(4))
+    assert z.shape == (4, ae.config.z_dim) and z.requires_grad
+
+
+def test_training_loss_with_consistency_leaves_classifier_alone():
+    ae, clf = _make()
+    _wake(ae)
+    ae.train()
+    bn = clf.body[1]
+    mean_before = bn.running_mean.clone()
+    out = ae.training_loss(_images(), torch.Generator().manual_seed(0), consistency_weight=1.0)
+    assert set(out) == {"loss", "mse", "consistency"}
+    assert out["consistency"].item() > 0
+    out["loss"].backward()
+    assert all(p.grad is None for p in clf.parameters())
+    assert torch.equal(bn.running_mean, mean_before) and not clf.training
+
+
+def test_consistency_gradient_reaches_encoder_and_unet():
+    ae, _ = _make()
+    _wake(ae)
+    out = ae.training_loss(
+        _images(), torch.Generator().manual_seed(0), consistency_weight=1.0, consistency_tmax=50
+    )
+    out["consistency"].backward()
+    for part in (ae.encoder, ae.z_proj, ae.unet):
+        grads = [p.grad for p in part.parameters() if p.grad is not None]
+        assert grads and sum(g.abs().sum().item() for g in grads) > 0
+    no_cons = ae.training_loss(_images(), torch.Generator().manual_seed(0))
+    assert no_cons["consistency"].item() == 0 and torch.equal(no_cons["loss"], no_cons["mse"])
+
+
+def test_classifier_logits_with_grad_reaches_input():
+    ae, _ = _make()
+    x = _images(2).requires_grad_(True)
+    ae.classifier_logits_with_grad(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_a_few_steps_reduce_the_loss():
+    ae, _ = _make()
+    ae.train()
+    x = _images(8)
+    opt = torch.optim.AdamW(ae.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        out = ae.training_loss(x, torch.Generator().manual_seed(0), t_skew=1.0)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    assert losses[-1] < 0.95 * losses[0] and losses[-1] < min(losses[:5])
+
+
+def test_encode_decode_shapes_batching_determinism():
+    ae, _ = _make()
+    _wake(ae)
+    ae.train()  # encode / decode must switch to eval themselves (dropout off)
+    x = _images(5)
+    z, x_T = ae.encode(x, steps=8)
+    assert z.shape == (5, ae.config.z_dim) and x_T.shape == x.shape
+    assert z.dtype == x_T.dtype == torch.float32 and not z.is_inference()
+    assert ae.training and not ae.classifier.training
+    z3, x_T3 = ae.encode(x, steps=8, batch_size=3)
+    torch.testing.assert_close(z3, z, atol=1e-5, rtol=0)
+    torch.testing.assert_close(x_T3, x_T, atol=1e-5, rtol=0)
+    rec = ae.decode(z, x_T, steps=8)
+    assert rec.shape == x.shape and rec.dtype == torch.float32
+    assert rec.min() >= -1 and rec.max() <= 1
+    torch.testing.assert_close(ae.decode(z, x_T, steps=8, batch_size=3), rec, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ae.reconstruct(x, steps=8), rec, atol=0, rtol=0)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    semantic_only = ae.decode(z, None, steps=4, generator=g1)
+    assert torch.equal(semantic_only, ae.decode(z, None, steps=4, generator=g2))
