@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,38 @@ class Options:
         return resolve_device(self.device_name)
 
 
-pass_options = click.make_pass_decorator(Options)
+_pass_options = click.make_pass_decorator(Options)
+
+
+def pass_options(f: Any) -> Any:
+    """Pass the global Options, and accept --device/--seed after the command name as well."""
+
+    @click.option(
+        "--seed",
+        "cmd_seed",
+        type=int,
+        default=None,
+        help="Random seed (overrides the global --seed).",
+    )
+    @click.option(
+        "--device",
+        "cmd_device",
+        type=click.Choice(["auto", "cpu", "cuda"]),
+        default=None,
+        help="Where to compute (overrides the global --device).",
+    )
+    @_pass_options
+    @functools.wraps(f)
+    def wrapper(
+        opts: Options, *args: Any, cmd_seed: int | None, cmd_device: str | None, **kwargs: Any
+    ) -> Any:
+        if cmd_seed is not None:
+            opts.seed = cmd_seed
+        if cmd_device is not None:
+            opts.device_name = cmd_device
+        return f(opts, *args, **kwargs)
+
+    return wrapper
 
 
 @click.group(context_settings=CONTEXT)

@@ -200,7 +200,7 @@ def run_loop(
                         result.best_step = step + 1
                     else:
                         since_best += 1
-                        if cfg.patience and since_best >= cfg.patience:
+                        if cfg.patience and since_best >= cfg.patience and not last:
                             result.stopped_early = True
                             info(f"{desc}: early stop at step {step + 1} (best {result.best_step})")
                             break
