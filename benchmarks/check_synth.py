@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import norm, spearmanr
 
+from diffex.data.images import read_unit
 from diffex.data.measure import CIRCULAR, FACTOR_MEASURES, axial_components, measure_batch
 from diffex.data.spec import load_spec
-from diffex.data.synth import generate, read_image
+from diffex.data.synth import generate
 
 
 def logistic_accuracy(x: np.ndarray, y: np.ndarray, seed: int = 0, steps: int = 2000) -> float:
@@ -59,7 +60,7 @@ def main() -> None:
         generate(spec, out, args.n, args.seed, overwrite=True)
         t_gen = time.perf_counter() - t0
         rows = list(csv.DictReader(open(out / "factors.csv")))
-        imgs = np.stack([read_image(out / r["path"], len(spec.channels)) for r in rows])
+        imgs = np.stack([read_unit(out / r["path"], len(spec.channels)) for r in rows])
     channels = {c.role: i for i, c in enumerate(spec.channels)}
     t0 = time.perf_counter()
     meas = measure_batch(imgs, channels=channels)

@@ -143,3 +143,20 @@ def test_ddim_is_deterministic_and_passes_cond():
     assert seen[0][0] == (2,) and seen[0][1] == torch.long and seen[0][2] is cond
     with pytest.raises(DiffexError):
         ddim_decode(eps_fn, x, [5, 3], sched, cond)
+
+
+def test_v_prediction_identities() -> None:
+    from diffex.diffusion import Schedule, eps_from_v, predict_x0, q_sample, v_target
+
+    sched = Schedule.from_config("linear", 1000)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(6, 3, 8, 8, generator=g) * 2 - 1
+    noise = torch.randn(6, 3, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 200, 500, 900, 999])
+    x_t = q_sample(sched, x0, t, noise)
+    v = v_target(sched, x0, t, noise)
+    eps = eps_from_v(sched, x_t, t, v)
+    torch.testing.assert_close(eps, noise, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        predict_x0(sched, x_t[:5], t[:5], eps[:5]), x0[:5], atol=2e-3, rtol=1e-3
+    )

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
+from diffex.data.images import read_unit
 from diffex.data.measure import (
     CIRCULAR,
     FACTOR_MEASURES,
@@ -17,7 +18,7 @@ from diffex.data.measure import (
     measure_image,
 )
 from diffex.data.spec import load_spec
-from diffex.data.synth import generate, read_image
+from diffex.data.synth import generate
 from diffex.errors import DiffexError
 
 N, SEED = 600, 0
@@ -30,7 +31,7 @@ def data(tmp_path_factory):
     spec = load_spec(None)
     out = generate(spec, tmp_path_factory.mktemp("synth") / "d", N, SEED)
     rows = list(csv.DictReader(open(out / "factors.csv")))
-    imgs = np.stack([read_image(out / r["path"]) for r in rows])
+    imgs = np.stack([read_unit(out / r["path"]) for r in rows])
     truth = {f: np.array([float(r[f]) for r in rows]) for f in spec.factors}
     y = np.array([spec.condition_names.index(r["condition"]) for r in rows])
     return spec, imgs, truth, measure_batch(imgs), y

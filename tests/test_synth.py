@@ -13,8 +13,9 @@ import yaml
 from PIL import Image
 
 from diffex.data.display import composite
+from diffex.data.images import read_unit
 from diffex.data.spec import load_spec, packaged_spec_path, parse_spec
-from diffex.data.synth import generate, read_image, render_cell, sample_factors
+from diffex.data.synth import generate, render_cell, sample_factors
 from diffex.errors import DiffexError
 
 
@@ -186,7 +187,7 @@ def test_generate_layout(tmp_path):
     with Image.open(out / rows[0]["path"]) as im:
         arr = np.asarray(im)
     assert arr.shape == (64, 64, 3) and arr.dtype == np.uint8
-    img = read_image(out / rows[0]["path"])
+    img = read_unit(out / rows[0]["path"])
     assert img.shape == (3, 64, 64)
     assert img[0, 28:36, 28:36].mean() > img[0, :8, :8].mean()  # DAPI (R) is the nucleus
 

@@ -248,7 +248,7 @@ def _autoencoder_options(f: Any) -> Any:
             help="Network size: cpu64 for CPUs, paper128 is the authors' 128 px model.",
         ),
         click.option(
-            "--steps", "ae_steps", type=int, default=3000, show_default=True, help="Training steps."
+            "--steps", "ae_steps", type=int, default=2000, show_default=True, help="Training steps."
         ),
         click.option(
             "--batch-size",
@@ -272,6 +272,14 @@ def _autoencoder_options(f: Any) -> Any:
             default="probs",
             show_default=True,
             help="Which classifier output joins the encoder's w in z_sem.",
+        ),
+        click.option(
+            "--prediction",
+            type=click.Choice(["v", "eps"]),
+            default="v",
+            show_default=True,
+            help="What the UNet predicts: v (stable at high noise, so decoding from z alone "
+            "works early) or eps (the authors').",
         ),
         click.option(
             "--t-skew",
@@ -317,6 +325,7 @@ def _autoencoder_config(opts: Options, **kw: Any) -> Any:
         batch_size=kw["ae_batch_size"],
         lr=kw["ae_lr"],
         classifier_output=kw["classifier_output"],
+        prediction=kw["prediction"],
         t_skew=kw["t_skew"],
         consistency_weight=kw["consistency_weight"],
         ddim_steps=kw["ddim_steps"],
@@ -359,6 +368,183 @@ def _print_autoencoder(metrics: dict[str, Any], run: Path) -> None:
     click.echo(f"autoencoder: {run / 'autoencoder'} (grid: reconstructions.png)")
 
 
+@cli.command("train-directions", context_settings=CONTEXT)
+@click.option(
+    "--run",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Run folder with a trained autoencoder; writes RUN/directions/.",
+)
+@click.option("--k", "k", type=int, default=10, show_default=True, help="Number of directions.")
+@click.option(
+    "--kind",
+    type=click.Choice(["nonlinear", "linear", "global"]),
+    default="nonlinear",
+    show_default=True,
+    help="Direction model: MLP per direction, linear map, or vector.",
+)
+@click.option(
+    "--objective",
+    type=click.Choice(["classifier", "encoder", "paper"]),
+    default="classifier",
+    show_default=True,
+    help="What the contrast sees: classifier features of the one-step decoded edit, "
+    "encoder features of it, or the authors' latent projector.",
+)
+@click.option(
+    "--alpha",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Edit size in class gaps (distance between class means in standardised z).",
+)
+@click.option("--steps", type=int, default=300, show_default=True, help="Training steps.")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=8,
+    show_default=True,
+    help="Latents per step (each edited by all K directions).",
+)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option(
+    "--decorrelation",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Weight of the penalty on correlated shifts at the same latent.",
+)
+@pass_options
+def train_directions_cmd(opts: Options, run: Path, **kw: Any) -> None:
+    """Learn K latent directions by contrast (LatentCLR adapted to z_sem).
+
+    z_sem is standardised over the training images; edits move it by alpha class gaps along
+    each direction. Writes RUN/directions/ (model.safetensors, config.json, metrics.json with the
+    loss curve and the contrastive accuracy on held-out latents, training_curve.png).
+    """
+    from diffex.train.directions import DirectionTrainConfig, train_directions
+
+    device = opts.setup()
+    metrics = train_directions(run, DirectionTrainConfig(**kw, seed=opts.seed), device)
+    acc = metrics.get("final", {}).get("heldout_accuracy", float("nan"))
+    click.echo(
+        f"directions: held-out contrastive accuracy {acc:.3f}, class gap {metrics['class_gap']:.2f}"
+    )
+    click.echo(f"directions: {run / 'directions'}")
+
+
+@cli.command("rank", context_settings=CONTEXT)
+@click.option(
+    "--run",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Run folder with trained directions; writes RUN/ranking.json.",
+)
+@click.option(
+    "--target",
+    default=None,
+    help="Class the edits should move towards [default with two classes: the second].",
+)
+@click.option(
+    "--alpha",
+    type=float,
+    default=None,
+    help="Edit size in class gaps [default: the alpha the directions were trained at].",
+)
+@click.option(
+    "--m", "m", type=int, default=5, show_default=True, help="Directions to rank (at most K)."
+)
+@click.option(
+    "--n-images", type=int, default=64, show_default=True, help="Held-out source images to edit."
+)
+@click.option(
+    "--ddim-steps",
+    type=int,
+    default=20,
+    show_default=True,
+    help="DDIM steps for encoding and decoding.",
+)
+@click.option(
+    "--keep-flagged",
+    is_flag=True,
+    help="Rank directions the artifact guard flags (noise, background) too.",
+)
+@pass_options
+def rank_cmd(opts: Options, run: Path, **kw: Any) -> None:
+    """Rank the directions by how much they move the classifier towards the target (AttFind).
+
+    Each held-out image of the other classes is encoded once; every direction and sign is
+    decoded in batches; delta-p is measured against the unedited reconstruction. Edits that
+    mainly add noise or change the background are flagged and not ranked. The class-mean
+    direction is reported beside the ranking as a supervised reference.
+    """
+    from diffex.explain.rank import RankConfig, rank_directions
+
+    device = opts.setup()
+    result = rank_directions(run, RankConfig(**kw, seed=opts.seed), device)
+    _print_ranking(result)
+    click.echo(f"ranking: {run / 'ranking.json'}")
+
+
+def _print_ranking(result: dict[str, Any]) -> None:
+    click.echo(
+        f"ranking towards {result['target_class']} at alpha {result['alpha']:g} "
+        f"({result['n_images']} images):"
+    )
+    for d in result["directions"]:
+        flags = f"  flags: {', '.join(d['artifact_flags'])}" if d["artifact_flags"] else ""
+        click.echo(
+            f"  {d['rank']}. direction {d['direction']} ({'+' if d['sign'] > 0 else '-'}): "
+            f"delta-p {d['mean_delta_p']:+.3f}, flip rate {d['flip_rate']:.2f}{flags}"
+        )
+    if not result["directions"]:
+        click.echo("  no direction passed the threshold")
+    ref = result["reference"]
+    click.echo(
+        f"  reference (class-mean direction): delta-p {ref['mean_delta_p']:+.3f}, "
+        f"flip rate {ref['flip_rate']:.2f}"
+    )
+
+
+@cli.command("explain", context_settings=CONTEXT)
+@click.option(
+    "--run",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Run folder with ranking.json; writes RUN/explanations/.",
+)
+@click.option(
+    "--n-cells",
+    type=int,
+    default=24,
+    show_default=True,
+    help="Cells edited per direction (curves and measurements).",
+)
+@click.option(
+    "--n-alphas",
+    type=int,
+    default=7,
+    show_default=True,
+    help="Frames of the sweep from -alpha to +alpha (odd).",
+)
+@click.option("--ddim-steps", type=int, default=20, show_default=True, help="DDIM steps.")
+@click.option(
+    "--measure/--no-measure",
+    default=True,
+    show_default=True,
+    help="Morphology readout (needs cell images with nucleus/actin/spots channels).",
+)
+@pass_options
+def explain_cmd(opts: Options, run: Path, **kw: Any) -> None:
+    """Show each ranked direction: strips over alpha, a GIF, the probability curve, a
+    difference map, per-channel panels and the morphology readout (RUN/explanations/)."""
+    from diffex.explain.explain import ExplainConfig, explain_run
+
+    device = opts.setup()
+    explain_run(run, ExplainConfig(**kw, seed=opts.seed), device)
+    click.echo(f"explanations: {run / 'explanations'}")
+
+
 @cli.command(context_settings=CONTEXT)
 @click.option(
     "--out",
@@ -368,56 +554,53 @@ def _print_autoencoder(metrics: dict[str, Any], run: Path) -> None:
     help="Run folder for the demo.",
 )
 @click.option(
-    "--n", "n", type=int, default=3000, show_default=True, help="Number of synthetic images."
-)
-@click.option(
-    "--size",
-    type=int,
-    default=48,
+    "--preset",
+    type=click.Choice(["default", "quick"]),
+    default="default",
     show_default=True,
-    help="Synthetic image size in pixels (48 keeps CPU training short).",
-)
-@click.option(
-    "--classifier-epochs",
-    type=int,
-    default=20,
-    show_default=True,
-    help="Maximum classifier epochs.",
-)
-@click.option(
-    "--ae-steps",
-    type=int,
-    default=3000,
-    show_default=True,
-    help="Autoencoder training steps (0 skips the autoencoder).",
+    help="quick: toy sizes for tests (about a minute).",
 )
 @pass_options
-def demo(
-    opts: Options, out: Path, n: int, size: int, classifier_epochs: int, ae_steps: int
-) -> None:
-    """Run the pipeline on the built-in synthetic cells and print where the results are.
+def demo(opts: Options, out: Path, preset: str) -> None:
+    """Run the whole pipeline on the built-in synthetic cells and print where the results are.
 
-    Synthesises the benchmark into OUT/data (reused when already there), trains the classifier
-    into OUT/classifier and the diffusion autoencoder into OUT/autoencoder.
+    synth -> classifier -> autoencoder -> directions -> rank -> explain, into OUT. Rerunning
+    skips stages whose outputs exist for the same configuration.
     """
-    from diffex.data.spec import load_spec
-    from diffex.data.synth import generate
-    from diffex.train.autoencoder import AutoencoderTrainConfig, train_autoencoder
-    from diffex.train.classifier import ClassifierTrainConfig, train_classifier
+    from diffex.pipeline import demo_preset, run_demo
 
     device = opts.setup()
-    data = out / "data"
-    if (data / "factors.csv").is_file():
-        click.echo(f"reusing synthetic data in {data}")
-    else:
-        generate(load_spec(None), data, n=n, seed=opts.seed, size=size, fmt="png", overwrite=True)
-        click.echo(f"synthetic data: {data} (contact sheet: {data / 'contact_sheet.png'})")
-    ccfg = ClassifierTrainConfig(image_size=size, epochs=classifier_epochs, seed=opts.seed)
-    _print_classifier(train_classifier(data, out, ccfg, device), out)
-    if ae_steps > 0:
-        acfg = AutoencoderTrainConfig(steps=ae_steps, seed=opts.seed)
-        _print_autoencoder(train_autoencoder(out, acfg, device), out)
-    click.echo(f"results: {out.resolve()}")
+    summary = run_demo(out, demo_preset(preset, opts.seed), device, seed=opts.seed)
+    _print_demo(summary)
+
+
+def _print_demo(summary: dict[str, Any]) -> None:
+    c = summary.get("classifier", {})
+    if c:
+        click.echo(
+            f"classifier: accuracy {c['accuracy']:.3f}, balanced {c['balanced_accuracy']:.3f}"
+        )
+    a = summary.get("autoencoder", {})
+    for name in ("roundtrip", "semantic_only"):
+        if name in a:
+            m = a[name]
+            click.echo(
+                f"autoencoder {name}: PSNR {m['psnr']:.1f} dB, agreement {m['agreement']:.3f}"
+            )
+    if "rank" in summary:
+        _print_ranking({**summary["rank"], "n_images": summary["rank"].get("n_images", "?")})
+    for item in summary.get("explain", {}).get("items", []):
+        changes = ", ".join(
+            f"{t['feature']} {t['pct_change']:+.0f} % ({t['fraction_of_gap']:.1f} of gap)"
+            if t["pct_change"] == t["pct_change"]
+            else f"{t['feature']} ({t['fraction_of_gap']:.1f} of gap)"
+            for t in item["top_changes"]
+        )
+        click.echo(f"  {item['name']}: {changes or 'no measured change'}")
+    timings = ", ".join(f"{k} {v:.0f} s" for k, v in summary.get("timings", {}).items())
+    if timings:
+        click.echo(f"time: {timings}")
+    click.echo(f"results: {summary['out']}")
 
 
 def main(argv: list[str] | None = None) -> int:

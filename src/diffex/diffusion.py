@@ -108,6 +108,18 @@ def eps_from_x0(sched: Schedule, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
     return (x_t - _gather(abar.sqrt(), t, x_t) * x0) * _gather((1 - abar).rsqrt(), t, x_t)
 
 
+def v_target(sched: Schedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    """Velocity target v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho)."""
+    abar = sched.alphas_cumprod
+    return _gather(abar.sqrt(), t, x0) * noise - _gather((1 - abar).sqrt(), t, x0) * x0
+
+
+def eps_from_v(sched: Schedule, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+    """Noise implied by a velocity prediction: eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t."""
+    abar = sched.alphas_cumprod
+    return _gather(abar.sqrt(), t, x_t) * v + _gather((1 - abar).sqrt(), t, x_t) * x_t
+
+
 def sample_timesteps(
     n: int,
     T: int,

@@ -30,7 +30,10 @@ def seed_everything(seed: int) -> None:
 
 
 def configure_threads() -> None:
-    """Use every core once; OpenMP threads wait passively so a busy neighbour does not stall us."""
+    """Use every core once (unless OMP_NUM_THREADS says otherwise); OpenMP threads wait
+    passively so a busy neighbour does not stall us."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if os.environ.get("OMP_NUM_THREADS"):
+        return  # the user chose; torch already follows OMP_NUM_THREADS
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(max(1, n))

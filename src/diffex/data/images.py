@@ -51,6 +51,16 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     return arr
 
 
+def read_unit(path: str | Path, n_channels: int | None = None) -> np.ndarray:
+    """Read an image as float32 (C, H, W) in [0, 1] (integers divided by their full scale).
+
+    ``n_channels`` keeps only the first channels (e.g. a 2-channel image stored as RGB PNG).
+    """
+    arr = read_image(path)
+    unit = arr.astype(np.float32) / dtype_max(arr.dtype)
+    return unit if n_channels is None else unit[:n_channels]
+
+
 def dtype_max(dtype: np.dtype) -> float:
     """The nominal full-scale value of a pixel type (1.0 for floats)."""
     dtype = np.dtype(dtype)

@@ -370,21 +370,3 @@ def contact_sheet(
         y += blocks[cond] * (tile + gap) + gap
         draw.line([(0, y - gap // 2), (sheet.width, y - gap // 2)], fill=(90, 90, 90))
     return sheet
-
-
-def read_image(path: str | Path, n_channels: int | None = None) -> np.ndarray:
-    """Read a synth PNG (8-bit) or TIFF (16-bit, channel-first) -> float32 (C, H, W) in [0, 1].
-
-    ``n_channels`` keeps the first channels of an RGB PNG (a 2-channel spec pads B with zeros).
-    """
-    path = Path(path)
-    if path.suffix.lower() in (".tif", ".tiff"):
-        arr = tifffile.imread(path)
-        arr = arr[None] if arr.ndim == 2 else arr
-        img = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
-    else:
-        with Image.open(path) as im:
-            arr = np.asarray(im)
-        arr = arr[..., None] if arr.ndim == 2 else arr
-        img = arr.transpose(2, 0, 1).astype(np.float32) / 255.0
-    return img if n_channels is None else img[:n_channels]

@@ -23,9 +23,11 @@ from diffex.diffusion import (
     ScheduleKind,
     ddim_decode,
     ddim_encode,
+    eps_from_v,
     predict_x0,
     q_sample,
     sample_timesteps,
+    v_target,
 )
 from diffex.errors import DiffexError
 from diffex.models.encoder import ENCODER_PRESETS, EncoderConfig, SemanticEncoder
@@ -48,6 +50,7 @@ class AutoencoderConfig:
     encoder: EncoderConfig | str | None = None
     z_dim: int | None = None
     classifier_output: ClassifierOutput = "probs"
+    prediction: str = "eps"
     schedule: ScheduleKind = "linear"
     T: int = 1000
     beta_start: float = 1e-4
@@ -72,6 +75,8 @@ class AutoencoderConfig:
                 f"classifier_output {self.classifier_output!r} must be one of "
                 f"{', '.join(CLASSIFIER_OUTPUTS)}"
             )
+        if self.prediction not in ("eps", "v"):
+            raise DiffexError(f"prediction {self.prediction!r} must be 'eps' or 'v'")
         enc, un = self.encoder, self.unet
         if (enc.in_channels, enc.image_size) != (un.in_channels, un.image_size):
             raise DiffexError(
@@ -100,6 +105,7 @@ class AutoencoderConfig:
             "encoder": self.encoder.to_dict(),
             "z_dim": self.z_dim,
             "classifier_output": self.classifier_output,
+            "prediction": self.prediction,
             "schedule": self.schedule,
             "T": self.T,
             "beta_start": self.beta_start,
@@ -240,12 +246,18 @@ class DiffusionAutoencoder(nn.Module):
         return self.z_proj(torch.cat([self.classifier_output(x), self.encoder(x).float()], dim=1))
 
     def eps(self, x_t: Tensor, t: Tensor, z: Tensor) -> Tensor:
-        """Predicted noise in x_t at steps t given z_sem."""
-        return self.unet(x_t, t, z)
+        """Predicted noise in x_t at steps t given z_sem (converted from v when the UNet
+        predicts v = sqrt(abar) eps - sqrt(1 - abar) x0)."""
+        out = self.unet(x_t, t, z)
+        if self.config.prediction == "v":
+            return eps_from_v(self.schedule, x_t, t, out)
+        return out
 
     def _eps_fn(self, x_t: Tensor, t: Tensor, z: Tensor | None) -> Tensor:
         assert z is not None
-        return self.unet(x_t, t, z)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        return self.eps(x_t, t, z)
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
@@ -338,7 +350,9 @@ class DiffusionAutoencoder(nn.Module):
         t = sample_timesteps(n, T, generator, t_skew, device=x.device)
         noise = _randn_like(x, generator)
         x_t = q_sample(self.schedule, x, t, noise)
-        mse = F.mse_loss(self.unet(x_t, t, z).float(), noise.float())
+        out = self.unet(x_t, t, z)
+        target = noise if self.config.prediction == "eps" else v_target(self.schedule, x, t, noise)
+        mse = F.mse_loss(out.float(), target.float())
         consistency = torch.zeros((), device=x.device)
         if consistency_weight > 0:
             m = max(1, min(n, round(n * consistency_fraction)))
@@ -346,7 +360,7 @@ class DiffusionAutoencoder(nn.Module):
             tc = sample_timesteps(m, tmax, generator, 0.0, device=x.device)
             xc, noise_c = x[:m], _randn_like(x[:m], generator)
             xc_t = q_sample(self.schedule, xc, tc, noise_c)
-            x0_hat = predict_x0(self.schedule, xc_t, tc, self.unet(xc_t, tc, z[:m]))
+            x0_hat = predict_x0(self.schedule, xc_t, tc, self.eps(xc_t, tc, z[:m]))
             consistency = classifier_kl(self.classifier, xc, straight_through_clamp(x0_hat.float()))
         loss = mse + consistency_weight * consistency
         return {"loss": loss, "mse": mse, "consistency": consistency}

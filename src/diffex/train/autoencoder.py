@@ -30,8 +30,9 @@ class AutoencoderTrainConfig:
 
     preset: str = "cpu64"
     classifier_output: str = "probs"
+    prediction: str = "v"
     z_dim: int | None = None
-    steps: int = 3000
+    steps: int = 2000
     batch_size: int = 32
     lr: float = 3e-4
     weight_decay: float = 0.0
@@ -97,6 +98,7 @@ def train_autoencoder(
         plan.channels,
         plan.image_size,
         classifier_output=cfg.classifier_output,
+        prediction=cfg.prediction,
         **({"z_dim": cfg.z_dim} if cfg.z_dim else {}),
     )
     model = DiffusionAutoencoder(model_cfg, classifier).to(device)

@@ -78,7 +78,6 @@ def train_classifier(
     for s in ("train", "val"):
         if len(splits[s].y) == 0:
             raise DiffexError(f"data {data} is too small: the {s} split is empty")
-    plan.save(rd.data_plan)
     counts = plan_summary(plan)
     info(f"classes {plan.classes}; images per split: {counts}")
 
@@ -149,6 +148,7 @@ def train_classifier(
     metrics["history"] = {"evals": result.evals}
 
     out = rd.stage("classifier")
+    plan.save(rd.data_plan)  # written with the classifier, so a failed run leaves the old pair
     save_module(
         out,
         model,

@@ -1,0 +1,224 @@
+"""Explanation stage: for each ranked direction, a sweep over alpha rendered as strips, a GIF,
+the probability curve, a difference map, per-channel panels and the morphology readout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from diffex.data.loading import DataPlan, load_split
+from diffex.data.measure import CIRCULAR, MEASUREMENTS, measure_batch
+from diffex.errors import DiffexError
+from diffex.explain.figures import (
+    alpha_strip,
+    channel_panels,
+    class_feature_stats,
+    difference_map,
+    morphology_readout,
+    morphology_table_png,
+    probability_curve,
+    sweep_gif,
+)
+from diffex.explain.rank import prober, source_images
+from diffex.io.atomic import read_json, write_json
+from diffex.log import info, track
+from diffex.models.autoencoder import DiffusionAutoencoder
+from diffex.models.directions import LatentEditor
+from diffex.rundir import RunDir
+from diffex.train.autoencoder import load_autoencoder
+from diffex.train.directions import load_editor
+
+
+@dataclass
+class ExplainConfig:
+    """Settings of the explanation stage."""
+
+    n_cells: int = 24
+    n_strip: int = 6
+    n_alphas: int = 7
+    ddim_steps: int = 20
+    batch_size: int = 128
+    reference: bool = True
+    measure: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_alphas < 3 or self.n_alphas % 2 == 0:
+            raise DiffexError(f"n_alphas must be odd and >= 3 (it includes 0), got {self.n_alphas}")
+        if self.n_cells < 2:
+            raise DiffexError(f"n_cells must be >= 2, got {self.n_cells}")
+
+
+def sweep(
+    ae: DiffusionAutoencoder,
+    editor: LatentEditor,
+    z: torch.Tensor,
+    x_T: torch.Tensor,
+    unit_fn: Any,
+    alphas: np.ndarray,
+    steps: int,
+    batch_size: int,
+) -> torch.Tensor:
+    """Decode every cell at every alpha along ``unit_fn(zs)`` (unit vectors in standardised z).
+
+    Returns frames (A, N, C, H, W) in [-1, 1]; all alphas of all cells in batched calls.
+    """
+    space = editor.space
+    with torch.no_grad():
+        zs = space.standardise(z)
+        units = unit_fn(zs)
+        moved = torch.cat([space.unstandardise(zs + float(a) * space.gap * units) for a in alphas])
+        x_rep = x_T.repeat(len(alphas), 1, 1, 1)
+    frames = ae.decode(moved, x_rep, steps=steps, batch_size=batch_size)
+    return frames.reshape(len(alphas), len(z), *frames.shape[1:])
+
+
+def factor_trends(unit_frames: np.ndarray, alphas: np.ndarray) -> dict[str, dict[str, float]]:
+    """Spearman rho between alpha and each measurement over all (cell, alpha) pairs."""
+    a, n = unit_frames.shape[:2]
+    flat = unit_frames.reshape(a * n, *unit_frames.shape[2:])
+    values = measure_batch(flat)
+    alpha_rep = np.repeat(alphas, n)
+    out: dict[str, dict[str, float]] = {}
+    for feat in MEASUREMENTS:
+        if feat in CIRCULAR:
+            continue
+        v = values[feat]
+        ok = np.isfinite(v)
+        if ok.sum() < 3 or np.ptp(v[ok]) == 0:
+            out[feat] = {"rho": float("nan")}
+            continue
+        rho = spearmanr(alpha_rep[ok], v[ok]).statistic
+        out[feat] = {"rho": float(rho)}
+    return out
+
+
+def explain_run(run: str | Path, cfg: ExplainConfig, device: torch.device) -> dict[str, Any]:
+    """Render every ranked direction (and the class-mean reference) into RUN/explanations/."""
+    rd = RunDir(run)
+    plan = rd.load_plan()
+    ranking_path = rd.root / "ranking.json"
+    if not ranking_path.is_file():
+        raise DiffexError(f"{rd.root} has no ranking.json: run 'diffex rank --run {rd.root}' first")
+    ranking = read_json(ranking_path)
+    ae = load_autoencoder(run, device)
+    editor = load_editor(run, device)
+    target = int(ranking["target_index"])
+    target_name = ranking["target_class"]
+    alpha = float(ranking["alpha"])
+    alphas = np.linspace(-alpha, alpha, cfg.n_alphas)
+    x, _ = source_images(plan, target, cfg.n_cells, cfg.seed + 1)
+    info(f"explain: encoding {len(x)} cells")
+    z, x_T = ae.encode(x, steps=cfg.ddim_steps, batch_size=cfg.batch_size)
+    probs = prober(ae)
+    out = rd.stage("explanations")
+    class_stats = _class_stats(plan) if cfg.measure else None
+    source_name = _source_name(plan, target)
+
+    items: list[tuple[str, str, Any]] = []
+    for d in ranking["directions"]:
+        k, sign = int(d["direction"]), int(d["sign"])
+        name = f"rank{d['rank']}_dir{k}{'+' if sign > 0 else '-'}"
+        label = f"rank {d['rank']}: direction {k} ({'+' if sign > 0 else '-'})"
+        items.append((name, label, _direction_units(editor, k, sign)))
+    if cfg.reference:
+        items.append(
+            (
+                "reference_class_mean",
+                "reference: class-mean direction",
+                _class_mean_units(editor, target),
+            )
+        )
+    summary: dict[str, Any] = {
+        "target_class": target_name,
+        "alphas": alphas.tolist(),
+        "n_cells": len(x),
+        "items": [],
+    }
+    for name, label, unit_fn in track(items, "explain", total=len(items)):
+        frames = sweep(ae, editor, z, x_T, unit_fn, alphas, cfg.ddim_steps, cfg.batch_size)
+        p = probs(frames.reshape(-1, *frames.shape[2:]))[:, target].reshape(len(alphas), -1)
+        p_np = p.numpy()
+        folder = out / name
+        title = f"{label}: towards {target_name}"
+        strip = frames[:, : cfg.n_strip]
+        alpha_strip(
+            strip,
+            alphas,
+            p_np[:, : cfg.n_strip],
+            plan,
+            folder / "strip.png",
+            title,
+            target_name=target_name,
+        )
+        sweep_gif(
+            strip,
+            alphas,
+            p_np[:, : cfg.n_strip],
+            plan,
+            folder / "sweep.gif",
+            target_name=target_name,
+        )
+        probability_curve(alphas, p_np, folder / "probability.png", target_name, title=title)
+        difference_map(frames, alphas, plan, folder / "difference.png", title=title)
+        channel_panels(frames, alphas, plan, folder / "channels.png", title=title)
+        entry: dict[str, Any] = {
+            "name": name,
+            "label": label,
+            "folder": str(folder.relative_to(rd.root)),
+            "mean_p_target": p_np.mean(axis=1).tolist(),
+        }
+        if cfg.measure and class_stats is not None:
+            unit = plan.normalization.to_unit(frames)
+            zero = len(alphas) // 2
+            rows = morphology_readout(
+                unit[zero], unit[-1], class_stats, source_name, target_name, seed=cfg.seed
+            )
+            trends = factor_trends(unit, alphas)
+            for row in rows:
+                row["rho_alpha"] = trends.get(row["feature"], {}).get("rho", float("nan"))
+            morphology_table_png(rows, folder / "morphology.png", title=title)
+            entry["morphology"] = rows
+        summary["items"].append(entry)
+        write_json(folder / "summary.json", entry)
+    write_json(out / "summary.json", summary)
+    info(f"explain: wrote {len(items)} explanations to {out}")
+    return summary
+
+
+def _direction_units(editor: LatentEditor, k: int, sign: int) -> Any:
+    def fn(zs: torch.Tensor) -> torch.Tensor:
+        return sign * editor.directions.unit(zs, k)
+
+    return fn
+
+
+def _class_mean_units(editor: LatentEditor, target: int) -> Any:
+    space = editor.space
+    others = [c for c in range(space.class_means.shape[0]) if c != target]
+    d = space.class_means[target] - space.class_means[others].mean(0)
+    d = d / d.norm().clamp_min(1e-8)
+
+    def fn(zs: torch.Tensor) -> torch.Tensor:
+        return d.expand_as(zs)
+
+    return fn
+
+
+def _source_name(plan: DataPlan, target: int) -> str:
+    """The class the target is compared with (the other class, or the first non-target one)."""
+    return next(c for i, c in enumerate(plan.classes) if i != target)
+
+
+def _class_stats(plan: DataPlan) -> dict[str, Any]:
+    """Measurements of real held-out cells per class (validation split), measured once."""
+    data = load_split(plan, "val")
+    unit = plan.normalization.to_unit(data.x)
+    return class_feature_stats(
+        {c: unit[data.y.numpy() == i] for i, c in enumerate(plan.classes) if (data.y == i).any()}
+    )

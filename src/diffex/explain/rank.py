@@ -1,0 +1,215 @@
+"""Ranking stage: AttFind over the learned directions for one target class, with the artifact
+guard and the class-mean direction as a supervised reference; writes ``RUN/ranking.json``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffex.data.loading import DataPlan, load_split
+from diffex.errors import DiffexError
+from diffex.explain.ranking import (
+    SIGNS,
+    artifact_flags,
+    artifact_measures,
+    attfind,
+    edit_effects,
+    format_ranking,
+    reference_spread,
+)
+from diffex.io.atomic import read_json, write_json
+from diffex.log import info
+from diffex.models.autoencoder import DiffusionAutoencoder
+from diffex.models.directions import LatentEditor
+from diffex.rundir import RunDir
+from diffex.train.autoencoder import load_autoencoder
+from diffex.train.directions import load_editor
+
+
+@dataclass
+class RankConfig:
+    """Settings of the ranking stage."""
+
+    target: str | None = None
+    alpha: float | None = None
+    m: int = 5
+    n_images: int = 64
+    ddim_steps: int = 20
+    threshold: float = 0.25
+    batch_size: int = 128
+    keep_flagged: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.m < 1:
+            raise DiffexError(f"m (directions to rank) must be >= 1, got {self.m}")
+        if self.n_images < 1 or self.ddim_steps < 1:
+            raise DiffexError("n_images and ddim_steps must be >= 1")
+
+
+def resolve_target(plan: DataPlan, target: str | None) -> int:
+    """Index of the target class; with two classes the default is the second (sorted) one."""
+    if target is None:
+        if len(plan.classes) != 2:
+            raise DiffexError(
+                f"--target is required with {len(plan.classes)} classes: choose one of "
+                f"{', '.join(plan.classes)}"
+            )
+        return 1
+    if target not in plan.classes:
+        raise DiffexError(f"unknown target class {target!r}; classes: {', '.join(plan.classes)}")
+    return plan.classes.index(target)
+
+
+def source_images(plan: DataPlan, target: int, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """Up to ``n`` held-out images of the other classes (test split, else validation)."""
+    split = "test" if plan.splits.get("test") else "val"
+    data = load_split(plan, split)
+    idx = np.flatnonzero(data.y.numpy() != target)
+    if len(idx) == 0:
+        raise DiffexError(f"the {split} split has no images outside the target class")
+    idx = np.sort(np.random.default_rng(seed).permutation(idx)[:n])
+    return data.x[idx], [data.paths[i] for i in idx]
+
+
+def decoder(ae: DiffusionAutoencoder, steps: int, batch_size: int):
+    """Batched deterministic DDIM decoding as a plain function."""
+
+    def decode(z: torch.Tensor, x_T: torch.Tensor) -> torch.Tensor:
+        return ae.decode(z, x_T, steps=steps, batch_size=batch_size)
+
+    return decode
+
+
+def prober(ae: DiffusionAutoencoder, batch_size: int = 256):
+    """Classifier probabilities of images, in batches, without gradients."""
+
+    def probs(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    ae.classifier.probs(x[i : i + batch_size].to(ae.device)).float().cpu()
+                    for i in range(0, len(x), batch_size)
+                ]
+            )
+
+    return probs
+
+
+def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> dict[str, Any]:
+    """Encode source images once, decode every (direction, sign) edit, rank, write ranking.json."""
+    rd = RunDir(run)
+    plan = rd.load_plan()
+    target = resolve_target(plan, cfg.target)
+    ae = load_autoencoder(run, device)
+    editor = load_editor(run, device)
+    dcfg = read_json(rd.stage("directions") / "config.json")
+    alpha = float(cfg.alpha if cfg.alpha is not None else dcfg["train"]["alpha"])
+    if cfg.m > editor.k:
+        raise DiffexError(f"cannot rank {cfg.m} directions: the run has only K = {editor.k}")
+    x, paths = source_images(plan, target, cfg.n_images, cfg.seed)
+    info(f"rank: encoding {len(x)} source images ({cfg.ddim_steps} DDIM steps)")
+    z, x_T = ae.encode(x, steps=cfg.ddim_steps, batch_size=cfg.batch_size)
+    decode, probs = decoder(ae, cfg.ddim_steps, cfg.batch_size), prober(ae)
+
+    def edit_fn(zz: torch.Tensor, k: int, sign: int, a: float) -> torch.Tensor:
+        with torch.no_grad():
+            return editor.edit(zz.to(device), k, sign, a)
+
+    n_edits = editor.k * 2 * len(x)
+    info(f"rank: decoding {n_edits} edits (K = {editor.k}, 2 signs, alpha = {alpha})")
+    effects = edit_effects(
+        z,
+        x_T,
+        edit_fn,
+        decode,
+        probs,
+        editor.k,
+        alpha,
+        target,
+        batch_size=cfg.batch_size,
+        keep_images=True,
+    )
+    unit = plan.normalization.to_unit
+    spread = reference_spread(unit(x))
+    recon_unit = unit(effects.recon)
+    flags: dict[tuple[int, int], list[str]] = {}
+    pairs: list[dict[str, Any]] = []
+    delta = effects.delta(target)
+    flipped = (effects.pred_edit == target) & (effects.pred_recon != target)[None, None]
+    for k in range(editor.k):
+        for si, sign in enumerate(SIGNS):
+            measures = artifact_measures(recon_unit, unit(effects.edited[k, si]))
+            flags[(k, sign)] = artifact_flags(measures, spread)
+            pairs.append(
+                {
+                    "direction": k,
+                    "sign": sign,
+                    "mean_delta_p": float(delta[k, si].mean()),
+                    "flip_rate": float(flipped[k, si].mean()),
+                    "artifact_flags": flags[(k, sign)],
+                }
+            )
+    ranked = attfind(
+        effects,
+        target,
+        cfg.m,
+        threshold=cfg.threshold,
+        flagged=flags,
+        skip_flagged=not cfg.keep_flagged,
+        images=np.arange(len(x)),
+    )
+    info("rank:\n" + format_ranking(ranked))
+    reference = class_mean_reference(
+        editor, z, x_T, decode, probs, target, alpha, effects.p_recon(target), effects.pred_recon
+    )
+    result = {
+        "target_class": plan.classes[target],
+        "target_index": target,
+        "alpha": alpha,
+        "n_images": len(x),
+        "ddim_steps": cfg.ddim_steps,
+        "source_classes": [c for i, c in enumerate(plan.classes) if i != target],
+        "directions": [r.to_dict() for r in ranked],
+        "reference": reference,
+        "all_pairs": pairs,
+        "unedited_mean_p_target": float(effects.p_recon(target).mean()),
+        "config": asdict(cfg),
+    }
+    write_json(rd.root / "ranking.json", result)
+    return result
+
+
+def class_mean_reference(
+    editor: LatentEditor,
+    z: torch.Tensor,
+    x_T: torch.Tensor,
+    decode: Any,
+    probs: Any,
+    target: int,
+    alpha: float,
+    p_recon: np.ndarray,
+    pred_recon: np.ndarray,
+) -> dict[str, Any]:
+    """The supervised baseline: move every source latent by alpha class gaps from the mean of the
+    other classes towards the target class mean (standardised z)."""
+    space = editor.space
+    n_classes = space.class_means.shape[0]
+    others = [c for c in range(n_classes) if c != target]
+    direction = space.class_means[target] - space.class_means[others].mean(0)
+    unit = direction / direction.norm().clamp_min(1e-8)
+    with torch.no_grad():
+        moved = editor.edit_along(z.to(space.mean.device), unit, alpha)
+        p = probs(decode(moved.to(z.device), x_T))
+    delta = p[:, target].numpy() - p_recon
+    flips = (p.argmax(1).numpy() == target) & (pred_recon != target)
+    return {
+        "kind": "class_mean",
+        "alpha": alpha,
+        "mean_delta_p": float(delta.mean()),
+        "flip_rate": float(flips.mean()),
+    }

@@ -1,0 +1,568 @@
+"""Ranking latent directions by how much they move the classifier (AttFind, after StylEx).
+
+Everything here works against plain callables, so that any autoencoder, direction model and
+classifier can be plugged in (and stubs in tests):
+
+- ``EditFn(z (N, D), k, sign, alpha) -> z_edited (N, D)``: apply direction ``k`` with sign +1/-1;
+- ``DecodeFn(z (M, D), x_T (M, C, H, W)) -> images (M, C, H, W)`` in [-1, 1];
+- ``ProbFn(images) -> probs (M, n_classes)``.
+
+Two steps. :func:`edit_effects` decodes the unedited reconstruction of every image once and every
+(direction, sign) edit of every image, and keeps the classifier's probabilities. :func:`attfind`
+then chooses up to M directions greedily from those numbers (no decoding, so it is cheap to rerun
+with other thresholds or another target class). Deltas are always taken against the unedited
+*reconstruction* decode(z, x_T), never against the original image, so that reconstruction error is
+not credited to a direction (DESIGN 1.5).
+
+The artifact guard (:func:`artifact_measures`, :func:`reference_spread`, :func:`artifact_flags`)
+catches edits that move the classifier by adding speckle / high-frequency energy or by changing the
+background instead of changing the cell (see shared/calibration: the best-ranked direction of the
+published objective added noise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu
+
+from diffex.errors import DiffexError
+from diffex.log import progress_bar
+
+EditFn = Callable[[torch.Tensor, int, int, float], torch.Tensor]
+DecodeFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ProbFn = Callable[[torch.Tensor], torch.Tensor]
+
+#: Sign of the edit along the second axis of the (K, 2, N) arrays: index 0 is +1, index 1 is -1.
+SIGNS: tuple[int, int] = (1, -1)
+
+
+def sign_index(sign: int) -> int:
+    """+1 -> 0, -1 -> 1 (position on the sign axis of :class:`EditEffects` arrays)."""
+    if sign not in SIGNS:
+        raise DiffexError(f"edit sign must be +1 or -1, got {sign!r}")
+    return SIGNS.index(sign)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding every edit
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EditEffects:
+    """Classifier outputs for the reconstructions and for every (direction, sign) edit.
+
+    ``probs_recon`` (N, n_classes) and ``probs_edit`` (K, 2, N, n_classes) hold the full
+    probability vectors, so one set of effects serves any target class. Sign axis: index 0 is
+    +1, index 1 is -1 (:data:`SIGNS`). ``recon`` (N, C, H, W) and ``edited`` (K, 2, N, C, H, W)
+    are the decoded images (CPU, [-1, 1]) when they were kept, else ``None``.
+    """
+
+    target: int
+    alpha: float
+    probs_recon: np.ndarray
+    probs_edit: np.ndarray
+    recon: torch.Tensor | None = None
+    edited: torch.Tensor | None = None
+
+    @property
+    def n_directions(self) -> int:
+        return int(self.probs_edit.shape[0])
+
+    @property
+    def n_images(self) -> int:
+        return int(self.probs_recon.shape[0])
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.probs_recon.shape[1])
+
+    @property
+    def pred_recon(self) -> np.ndarray:
+        """Predicted class of each reconstruction, (N,)."""
+        return self.probs_recon.argmax(-1)
+
+    @property
+    def pred_edit(self) -> np.ndarray:
+        """Predicted class of each edit, (K, 2, N)."""
+        return self.probs_edit.argmax(-1)
+
+    def p_recon(self, target: int | None = None) -> np.ndarray:
+        """p(target) of each reconstruction, (N,)."""
+        return self.probs_recon[:, self._check_target(target)]
+
+    def p_edit(self, target: int | None = None) -> np.ndarray:
+        """p(target) of each edit, (K, 2, N)."""
+        return self.probs_edit[..., self._check_target(target)]
+
+    def delta(self, target: int | None = None) -> np.ndarray:
+        """p(target | edit) - p(target | unedited reconstruction), (K, 2, N)."""
+        return self.p_edit(target) - self.p_recon(target)[None, None, :]
+
+    def _check_target(self, target: int | None) -> int:
+        t = self.target if target is None else target
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+            raise DiffexError(f"target class must be an integer index, got {t!r}")
+        if not 0 <= int(t) < self.n_classes:
+            raise DiffexError(
+                f"target class {t} out of range: the classifier has {self.n_classes} classes"
+            )
+        return int(t)
+
+
+def _check_probs(p: torch.Tensor, rows: int) -> torch.Tensor:
+    if not isinstance(p, torch.Tensor) or p.ndim != 2 or p.shape[0] != rows:
+        shape = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+        raise DiffexError(f"prob_fn must return ({rows}, n_classes) probabilities, got {shape}")
+    return p
+
+
+@torch.no_grad()
+def edit_effects(
+    z: torch.Tensor,
+    x_T: torch.Tensor,
+    edit_fn: EditFn,
+    decode_fn: DecodeFn,
+    prob_fn: ProbFn,
+    K: int,
+    alpha: float,
+    target: int,
+    batch_size: int = 256,
+    progress: bool = True,
+    keep_images: bool = False,
+) -> EditEffects:
+    """Decode the reconstruction and all K x 2 edits of every image; collect classifier outputs.
+
+    ``z`` (N, D) and ``x_T`` (N, C, H, W) come from ``encode``. The reconstruction is
+    ``decode_fn(z, x_T)``, decoded once. Edits of many (direction, sign) pairs are concatenated
+    into decode calls of at most ``batch_size`` rows: ``max(1, batch_size // (2 K))`` images per
+    group, all 2 K edits of a group decoded together (when 2 K exceeds ``batch_size`` one image's
+    edits are split over several calls). ``keep_images`` keeps every decoded image on the CPU
+    (K * 2 * N images: mind the memory).
+    """
+    if z.ndim != 2 or x_T.ndim != 4 or len(z) != len(x_T):
+        raise DiffexError(
+            f"edit_effects: expected z (N, D) and x_T (N, C, H, W) with the same N, "
+            f"got {tuple(z.shape)} and {tuple(x_T.shape)}"
+        )
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+        raise DiffexError(f"number of directions K must be a positive integer, got {K!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DiffexError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or target < 0:
+        raise DiffexError(f"target class must be a non-negative integer index, got {target!r}")
+    n = len(z)
+    if n == 0:
+        raise DiffexError("edit_effects: no images to edit")
+    pairs = [(k, s) for k in range(K) for s in SIGNS]
+    group = max(1, batch_size // len(pairs))
+    n_groups = -(-n // group)
+    calls_recon = -(-n // batch_size)
+    calls_edit = sum(
+        -(-min(group, n - g * group) * len(pairs) // batch_size) for g in range(n_groups)
+    )
+
+    recon_p: list[torch.Tensor] = []
+    recon_x: list[torch.Tensor] = []
+    probs_edit: np.ndarray | None = None
+    edited: torch.Tensor | None = None
+
+    with progress_bar() as bar:
+        task = bar.add_task(
+            "decoding edits", total=calls_recon + calls_edit, status="", visible=progress
+        )
+        for i in range(0, n, batch_size):
+            img = decode_fn(z[i : i + batch_size], x_T[i : i + batch_size])
+            recon_p.append(_check_probs(prob_fn(img), len(img)).float().cpu())
+            if keep_images:
+                recon_x.append(img.float().cpu())
+            bar.advance(task)
+        probs_recon = torch.cat(recon_p).numpy()
+        n_classes = probs_recon.shape[1]
+        if not 0 <= target < n_classes:
+            raise DiffexError(
+                f"target class {target} out of range: the classifier has {n_classes} classes"
+            )
+        probs_edit = np.zeros((K, 2, n, n_classes), dtype=np.float32)
+
+        for g in range(n_groups):
+            i0, i1 = g * group, min(n, (g + 1) * group)
+            zg, xg = z[i0:i1], x_T[i0:i1]
+            ze = []
+            for k, s in pairs:
+                out = edit_fn(zg, k, s, float(alpha))
+                if not isinstance(out, torch.Tensor) or out.shape != zg.shape:
+                    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                    raise DiffexError(
+                        f"edit_fn must return z of shape {tuple(zg.shape)}, got {got}"
+                    )
+                ze.append(out)
+            z_all = torch.cat(ze)  # rows ordered (pair, image)
+            x_all = xg.repeat(len(pairs), *([1] * (xg.ndim - 1)))
+            rows_k = np.repeat([k for k, _ in pairs], i1 - i0)
+            rows_s = np.repeat([sign_index(s) for _, s in pairs], i1 - i0)
+            rows_i = np.tile(np.arange(i0, i1), len(pairs))
+            for r in range(0, len(z_all), batch_size):
+                img = decode_fn(z_all[r : r + batch_size], x_all[r : r + batch_size])
+                p = _check_probs(prob_fn(img), len(img)).float().cpu().numpy()
+                sl = slice(r, r + len(img))
+                probs_edit[rows_k[sl], rows_s[sl], rows_i[sl]] = p
+                if keep_images:
+                    if edited is None:
+                        edited = torch.zeros((K, 2, n, *img.shape[1:]), dtype=torch.float32)
+                    idx = (
+                        torch.as_tensor(rows_k[sl]),
+                        torch.as_tensor(rows_s[sl]),
+                        torch.as_tensor(rows_i[sl]),
+                    )
+                    edited[idx] = img.float().cpu()
+                bar.advance(task)
+
+    effects = EditEffects(
+        target=int(target),
+        alpha=float(alpha),
+        probs_recon=probs_recon.astype(np.float32),
+        probs_edit=probs_edit,
+        recon=torch.cat(recon_x) if keep_images else None,
+        edited=edited,
+    )
+    return effects
+
+
+# --------------------------------------------------------------------------------------------
+# AttFind
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RankedDirection:
+    """One accepted (direction, sign) of the AttFind ranking.
+
+    ``mean_delta_p`` is over all source images; ``mean_delta_p_round`` over the images still
+    unexplained when it was chosen (the number the threshold was applied to); ``flip_rate`` is
+    the share of all source images whose predicted class becomes the target after the edit;
+    ``n_explained`` how many of the remaining images it explained (and removed).
+    """
+
+    rank: int
+    direction: int
+    sign: int
+    mean_delta_p: float
+    mean_delta_p_round: float
+    flip_rate: float
+    n_explained: int
+    threshold: float
+    artifact_flags: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rank": int(self.rank),
+            "direction": int(self.direction),
+            "sign": int(self.sign),
+            "mean_delta_p": float(self.mean_delta_p),
+            "mean_delta_p_round": float(self.mean_delta_p_round),
+            "flip_rate": float(self.flip_rate),
+            "n_explained": int(self.n_explained),
+            "threshold": float(self.threshold),
+            "artifact_flags": list(self.artifact_flags),
+        }
+
+
+Pair = tuple[int, int]
+
+
+def _flag_map(flagged: Mapping[Pair, Sequence[str]] | Iterable[Pair] | None) -> dict[Pair, list]:
+    if flagged is None:
+        return {}
+    if isinstance(flagged, Mapping):
+        items = flagged.items()
+    else:
+        items = ((p, ["flagged"]) for p in flagged)
+    out: dict[Pair, list[str]] = {}
+    for pair, flags in items:
+        try:
+            k, s = (int(v) for v in pair)
+        except (TypeError, ValueError):
+            raise DiffexError(f"flagged pairs must be (direction, sign), got {pair!r}") from None
+        sign_index(s)
+        out[(k, s)] = [str(f) for f in flags] or ["flagged"]
+    return out
+
+
+def _source_indices(effects: EditEffects, target: int, images: Any) -> np.ndarray:
+    n = effects.n_images
+    if images is None:
+        return np.flatnonzero(effects.pred_recon != target)
+    idx = np.asarray(images)
+    if idx.dtype == bool:
+        if idx.shape != (n,):
+            raise DiffexError(f"image mask has shape {idx.shape}, expected ({n},)")
+        return np.flatnonzero(idx)
+    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+        raise DiffexError("images must be a boolean mask or a 1-D array of image indices")
+    idx = np.unique(idx.astype(np.int64))
+    if idx.size and (idx[0] < 0 or idx[-1] >= n):
+        raise DiffexError(f"image index out of range 0..{n - 1}")
+    return idx
+
+
+def attfind(
+    effects: EditEffects,
+    target: int,
+    M: int,
+    threshold: float = 0.25,
+    threshold_step: float = 0.02,
+    min_threshold: float = 0.0,
+    flagged: Mapping[Pair, Sequence[str]] | Iterable[Pair] | None = None,
+    skip_flagged: bool = True,
+    images: np.ndarray | Sequence[int] | None = None,
+) -> list[RankedDirection]:
+    """Greedy AttFind ranking of (direction, sign) pairs for class ``target``.
+
+    Source images: ``images`` (a boolean mask or indices into the effects' images; pass the
+    images labelled as another class), by default every image whose reconstruction is not
+    predicted as ``target``. delta_i(k, s) = p(target | edit) - p(target | reconstruction).
+
+    Rule, round r = 0, 1, ... with R the still-unexplained source images (initially all):
+
+    1. candidates: every (k, s) whose direction k is not used yet (either sign) and, when
+       ``skip_flagged``, that is not in ``flagged``;
+    2. pick the candidate with the largest mean of delta_i over R (ties: lowest k, then +1);
+    3. accept it if that mean is > t_r = max(min_threshold, threshold - r * threshold_step),
+       otherwise stop;
+    4. the images it explains, {i in R : delta_i >= its mean over R} plus the image with the
+       largest delta_i (so at least one), leave R; direction k is marked used.
+
+    Stops when M directions are accepted, no candidate is left, R is empty, or the best
+    candidate fails the threshold. Every accepted round marks one more of the K directions
+    used, so there are at most K rounds. ``flagged`` maps (k, s) to artifact flags (or is a
+    set of pairs); with ``skip_flagged=False`` flagged pairs may be chosen and carry their flags.
+    """
+    if isinstance(M, bool) or not isinstance(M, (int, np.integer)) or M < 1:
+        raise DiffexError(f"number of directions to rank M must be a positive integer, got {M!r}")
+    K = effects.n_directions
+    if M > K:
+        raise DiffexError(f"cannot rank M={M} directions: only K={K} directions exist")
+    if not (threshold_step >= 0 and 0 <= min_threshold <= threshold):
+        raise DiffexError(
+            "AttFind thresholds need threshold_step >= 0 and 0 <= min_threshold <= threshold, "
+            f"got threshold={threshold}, threshold_step={threshold_step}, "
+            f"min_threshold={min_threshold}"
+        )
+    target = effects._check_target(target)
+    flags = _flag_map(flagged)
+    src = _source_indices(effects, target, images)
+    delta = effects.delta(target).astype(np.float64)  # (K, 2, N)
+    flipped = (effects.pred_edit == target) & (effects.pred_recon != target)[None, None, :]
+
+    allowed = np.ones((K, 2), dtype=bool)
+    if skip_flagged:
+        for k, s in flags:
+            if 0 <= k < K:
+                allowed[k, sign_index(s)] = False
+
+    ranked: list[RankedDirection] = []
+    remaining = src.copy()
+    for r in range(K):  # each accepted round uses one direction: at most K rounds
+        if len(ranked) >= M or remaining.size == 0 or not allowed.any():
+            break
+        means = delta[:, :, remaining].mean(axis=2)
+        means = np.where(allowed & np.isfinite(means), means, -np.inf)
+        k, si = np.unravel_index(int(np.argmax(means)), means.shape)
+        best = float(means[k, si])
+        t_r = max(float(min_threshold), float(threshold) - r * float(threshold_step))
+        if not best > t_r:
+            break
+        d = delta[k, si, remaining]
+        explained = d >= best
+        explained[int(np.argmax(d))] = True
+        s = SIGNS[si]
+        ranked.append(
+            RankedDirection(
+                rank=len(ranked) + 1,
+                direction=int(k),
+                sign=s,
+                mean_delta_p=float(delta[k, si, src].mean()),
+                mean_delta_p_round=best,
+                flip_rate=float(flipped[k, si, src].mean()),
+                n_explained=int(explained.sum()),
+                threshold=t_r,
+                artifact_flags=list(flags.get((int(k), s), [])),
+            )
+        )
+        remaining = remaining[~explained]
+        allowed[k, :] = False
+    return ranked
+
+
+def format_ranking(ranked: Sequence[RankedDirection]) -> str:
+    """A plain-text table of the ranking (for the console)."""
+    if not ranked:
+        return "no direction passed the AttFind threshold"
+    lines = ["rank  direction  sign  mean dp  dp(round)  flip rate  explained  flags"]
+    for d in ranked:
+        lines.append(
+            f"{d.rank:>4}  {d.direction:>9}  {'+' if d.sign > 0 else '-':>4}  "
+            f"{d.mean_delta_p:+7.3f}  {d.mean_delta_p_round:+9.3f}  {d.flip_rate:9.2f}  "
+            f"{d.n_explained:>9}  {'; '.join(d.artifact_flags)}"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Artifact guard
+# --------------------------------------------------------------------------------------------
+
+#: Quantities compared between edit and reconstruction (see :func:`artifact_measures`).
+ARTIFACT_QUANTITIES: tuple[str, ...] = ("high_frequency", "background", "noise")
+_LABELS = {"high_frequency": "high-frequency energy", "background": "background", "noise": "noise"}
+#: Spatial frequency (cycles per pixel) above which energy counts as high-frequency.
+HF_CUTOFF = 0.3
+
+
+def _as_nchw(x: Any, name: str) -> np.ndarray:
+    a = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if a.ndim != 4:
+        raise DiffexError(f"{name}: expected (N, C, H, W) images in [0, 1], got shape {a.shape}")
+    return a.astype(np.float64)
+
+
+def _hf_log_energy(a: np.ndarray) -> np.ndarray:
+    """log of the mean spectral energy above HF_CUTOFF cycles/px, summed over channels -> (N,)."""
+    h, w = a.shape[-2:]
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    high = np.hypot(fy, fx) > HF_CUTOFF
+    spec = np.fft.rfft2(a - a.mean(axis=(-2, -1), keepdims=True), norm="ortho")
+    e = (np.abs(spec) ** 2)[..., high].sum(axis=-1)  # (N, C)
+    return np.log(e.sum(axis=1) / (h * w) + 1e-12)
+
+
+def _object_mask(a: np.ndarray) -> np.ndarray:
+    """(H, W) foreground mask of one (C, H, W) image: smoothed channel mean above Otsu, dilated."""
+    h, w = a.shape[-2:]
+    sm = ndi.gaussian_filter(a.mean(axis=0), max(1.0, min(h, w) / 32))
+    if sm.max() - sm.min() < 1e-6:
+        return np.zeros((h, w), dtype=bool)
+    fg = sm > threshold_otsu(sm)
+    return ndi.binary_dilation(fg, iterations=max(1, round(min(h, w) / 16)))
+
+
+def _upper_half_sd(x: np.ndarray) -> float:
+    med = np.median(x)
+    return float(np.sqrt(2.0 * np.pi) * np.maximum(x - med, 0.0).mean())
+
+
+def _background_stats(a: np.ndarray, mask_from: np.ndarray | None = None) -> tuple[float, float]:
+    """(level, noise) of the pixels outside the object: channel means of the median and sd."""
+    fg = _object_mask(a)
+    if mask_from is not None:
+        fg |= _object_mask(mask_from)
+    bg = ~fg
+    if bg.sum() < max(16, 0.05 * bg.size):  # object fills the frame: darkest quarter instead
+        sm = ndi.gaussian_filter(a.mean(axis=0), 1.0)
+        bg = sm <= np.quantile(sm, 0.25)
+    level = float(np.mean([np.median(ch[bg]) for ch in a]))
+    noise = float(np.mean([_upper_half_sd(ch[bg]) for ch in a]))
+    return level, noise
+
+
+def _image_quantities(a: np.ndarray, other: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    stats = [_background_stats(a[i], None if other is None else other[i]) for i in range(len(a))]
+    return {
+        "high_frequency": _hf_log_energy(a),
+        "background": np.array([s[0] for s in stats]),
+        "noise": np.array([s[1] for s in stats]),
+    }
+
+
+def artifact_measures(recon_unit: Any, edited_unit: Any) -> dict[str, np.ndarray]:
+    """Per-image change from the unedited reconstruction to the edit, both (N, C, H, W) in [0, 1].
+
+    - ``high_frequency``: change of the log energy above 0.3 cycles/px (all channels), i.e. a
+      relative change (+0.69 = doubled). Speckle noise is white and lands mostly there; cell
+      structure, even small puncta, is mostly below it.
+    - ``background``: change of the median of the pixels outside the object (mean over channels).
+    - ``noise``: change of the background's sd (upper-half estimator, robust to clipping at 0).
+
+    The background region is the same for both images of a pair: outside the union of the
+    object masks (smoothed channel mean above Otsu, dilated) of the reconstruction and the edit,
+    so a cell that grows does not count as a brighter background.
+    """
+    a = _as_nchw(recon_unit, "artifact_measures")
+    b = _as_nchw(edited_unit, "artifact_measures")
+    if a.shape != b.shape:
+        raise DiffexError(f"artifact_measures: shapes differ, {a.shape} vs {b.shape}")
+    qa = _image_quantities(a, b)
+    qb = _image_quantities(b, a)
+    return {k: qb[k] - qa[k] for k in ARTIFACT_QUANTITIES}
+
+
+def reference_spread(real_unit: Any) -> dict[str, float]:
+    """Natural spread over real images of each artifact quantity (robust sd: IQR / 1.349).
+
+    Compute it on a few hundred real images (any class) in [0, 1]. A spread of zero (identical
+    images) is replaced by a small floor so that z-scores stay finite.
+    """
+    a = _as_nchw(real_unit, "reference_spread")
+    if len(a) < 2:
+        raise DiffexError("reference_spread needs at least 2 real images")
+    q = _image_quantities(a)
+    out = {}
+    for k in ARTIFACT_QUANTITIES:
+        v = q[k]
+        sd = float(np.subtract(*np.percentile(v, [75, 25])) / 1.349)
+        if not sd > 0:
+            sd = float(np.std(v))
+        out[k] = max(sd, 1e-6)
+    return out
+
+
+#: Default flag thresholds, in units of the natural spread over real images.
+Z_THRESH = 3.0
+Z_THRESH_SMOOTHING = 6.0
+
+
+def artifact_z(measures: Mapping[str, np.ndarray], spread: Mapping[str, float]) -> dict[str, float]:
+    """Mean change of each quantity over the edited images, in units of the natural spread."""
+    out = {}
+    for k in ARTIFACT_QUANTITIES:
+        if k not in measures or k not in spread:
+            raise DiffexError(f"artifact measures / reference spread lack {k!r}")
+        v = np.asarray(measures[k], dtype=np.float64)
+        v = v[np.isfinite(v)]
+        out[k] = float(v.mean() / spread[k]) if v.size else float("nan")
+    return out
+
+
+def artifact_flags(
+    measures: Mapping[str, np.ndarray],
+    spread: Mapping[str, float],
+    z_thresh: float = Z_THRESH,
+    z_thresh_smoothing: float = Z_THRESH_SMOOTHING,
+) -> list[str]:
+    """Flags for an edit whose mean change is large against the natural spread over real images.
+
+    An increase of high-frequency energy or background noise, or a change of the background
+    level in either direction, of at least ``z_thresh`` sds is flagged; a decrease of
+    high-frequency energy or noise (smoothing: diffusion decoders smooth a little, and a real
+    phenotype edit may too) only from ``z_thresh_smoothing`` sds. Example flag:
+    ``"high-frequency energy +4.1 sd"``.
+    """
+    flags = []
+    for k, z in artifact_z(measures, spread).items():
+        if not np.isfinite(z):
+            continue
+        if k == "background":
+            hit = abs(z) >= z_thresh
+        else:
+            hit = z >= z_thresh or z <= -z_thresh_smoothing
+        if hit:
+            flags.append(f"{_LABELS[k]} {z:+.1f} sd")
+    return flags

@@ -1,0 +1,167 @@
+"""Latent direction models on standardised z_sem, and the latent space they act in.
+
+An edit moves a latent ``z`` (standardised per dimension over the training set) to
+``z' = z + alpha * gap * N_k(z) / ||N_k(z)||``, where ``gap`` is the distance between the class
+means in standardised z: alpha is measured in class gaps, so alpha = 1 moves a cell about as far as
+the average difference between conditions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffex.errors import DiffexError
+
+DIRECTION_KINDS = ("nonlinear", "linear", "global")
+
+
+@dataclass
+class DirectionModelConfig:
+    """Architecture of the K direction models."""
+
+    z_dim: int
+    k: int = 10
+    kind: str = "nonlinear"
+    hidden: int = 256
+
+    def __post_init__(self) -> None:
+        if self.kind not in DIRECTION_KINDS:
+            raise DiffexError(
+                f"direction kind {self.kind!r} must be one of {', '.join(DIRECTION_KINDS)}"
+            )
+        if self.k < 1:
+            raise DiffexError(f"number of directions must be >= 1, got {self.k}")
+        if self.z_dim < 1 or self.hidden < 1:
+            raise DiffexError("z_dim and hidden must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class LatentSpace(nn.Module):
+    """Standardisation of z_sem and the class geometry used to scale edits.
+
+    Buffers: per-dimension ``mean``/``std`` over training latents, the class means in
+    standardised z (``class_means``, one row per class) and ``gap``, the mean distance between
+    class means (the unit of alpha).
+    """
+
+    def __init__(self, z_dim: int, n_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(z_dim))
+        self.register_buffer("std", torch.ones(z_dim))
+        self.register_buffer("class_means", torch.zeros(n_classes, z_dim))
+        self.register_buffer("gap", torch.ones(()))
+
+    @torch.no_grad()
+    def fit(self, z: Tensor, y: Tensor) -> LatentSpace:
+        """Fit standardisation and class geometry on training latents ``z`` with labels ``y``."""
+        n_classes = self.class_means.shape[0]
+        if len(z) < 2:
+            raise DiffexError("need at least two latents to standardise z_sem")
+        self.mean.copy_(z.mean(0))
+        self.std.copy_(z.std(0).clamp_min(1e-6))
+        zs = self.standardise(z)
+        for c in range(n_classes):
+            if not (y == c).any():
+                raise DiffexError(f"class index {c} has no training latents")
+            self.class_means[c] = zs[y == c].mean(0)
+        d = torch.cdist(self.class_means, self.class_means)
+        iu = torch.triu_indices(n_classes, n_classes, 1)
+        self.gap.fill_(float(d[iu[0], iu[1]].mean().clamp_min(1e-6)))
+        return self
+
+    def standardise(self, z: Tensor) -> Tensor:
+        return (z - self.mean) / self.std
+
+    def unstandardise(self, zs: Tensor) -> Tensor:
+        return zs * self.std + self.mean
+
+    def class_direction(self, source: int, target: int) -> Tensor:
+        """Unit vector from the source class mean to the target class mean (standardised z)."""
+        d = self.class_means[target] - self.class_means[source]
+        return d / d.norm().clamp_min(1e-8)
+
+
+class _MLP(nn.Module):
+    """3-layer MLP with BatchNorm and ReLU (normalised over the whole batch of latents)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, dim),
+        )
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z)
+
+
+class DirectionModels(nn.Module):
+    """K direction models: non-linear (MLP per direction), linear (a linear map per direction)
+    or global (one free vector per direction)."""
+
+    def __init__(self, config: DirectionModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        k, d = config.k, config.z_dim
+        if config.kind == "global":
+            self.vectors = nn.Parameter(torch.randn(k, d))
+        elif config.kind == "linear":
+            self.nets = nn.ModuleList(nn.Linear(d, d) for _ in range(k))
+        else:
+            self.nets = nn.ModuleList(_MLP(d, config.hidden) for _ in range(k))
+
+    @property
+    def k(self) -> int:
+        return self.config.k
+
+    def raw(self, zs: Tensor, k: int) -> Tensor:
+        """Unnormalised output N_k(z) for standardised latents (N, D)."""
+        if self.config.kind == "global":
+            return self.vectors[k].expand_as(zs)
+        return self.nets[k](zs)
+
+    def unit(self, zs: Tensor, k: int) -> Tensor:
+        """Unit-norm shift direction of model k at each latent (N, D)."""
+        return F.normalize(self.raw(zs, k), dim=1, eps=1e-8)
+
+    def units(self, zs: Tensor) -> Tensor:
+        """All K unit shifts, shape (K, N, D)."""
+        return torch.stack([self.unit(zs, k) for k in range(self.k)])
+
+
+class LatentEditor(nn.Module):
+    """Direction models plus the latent space: edits raw z_sem by alpha class gaps."""
+
+    def __init__(self, space: LatentSpace, directions: DirectionModels) -> None:
+        super().__init__()
+        self.space = space
+        self.directions = directions
+
+    @property
+    def k(self) -> int:
+        return self.directions.k
+
+    def edit(self, z: Tensor, k: int, sign: int, alpha: float) -> Tensor:
+        """Raw z_sem moved along direction k by ``sign * alpha`` class gaps."""
+        zs = self.space.standardise(z)
+        step = sign * alpha * self.space.gap * self.directions.unit(zs, k)
+        return self.space.unstandardise(zs + step)
+
+    def edit_along(self, z: Tensor, unit: Tensor, alpha: float | Tensor) -> Tensor:
+        """Raw z_sem moved along a fixed unit vector (standardised space) by alpha class gaps."""
+        zs = self.space.standardise(z)
+        a = alpha if isinstance(alpha, Tensor) else torch.tensor(float(alpha))
+        a = a.to(zs).reshape(-1, 1) if a.ndim else a.to(zs)
+        return self.space.unstandardise(zs + a * self.space.gap * unit.to(zs))

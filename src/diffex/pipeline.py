@@ -1,0 +1,188 @@
+"""The whole pipeline on the built-in synthetic cells (``diffex demo``): presets, resumable
+stages (a stage whose outputs exist for the same configuration is skipped) and a summary."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffex.data.spec import load_spec
+from diffex.data.synth import generate
+from diffex.errors import DiffexError
+from diffex.explain.explain import ExplainConfig, explain_run
+from diffex.explain.rank import RankConfig, rank_directions
+from diffex.io.atomic import read_json, write_json
+from diffex.log import info
+from diffex.train.autoencoder import AutoencoderTrainConfig, train_autoencoder
+from diffex.train.classifier import ClassifierTrainConfig, train_classifier
+from diffex.train.directions import DirectionTrainConfig, train_directions
+
+
+@dataclass
+class DemoConfig:
+    """Every stage's settings for one demo run."""
+
+    n: int
+    size: int
+    classifier: ClassifierTrainConfig
+    autoencoder: AutoencoderTrainConfig
+    directions: DirectionTrainConfig
+    rank: RankConfig
+    explain: ExplainConfig
+    stages: list[str] = field(
+        default_factory=lambda: ["classifier", "autoencoder", "directions", "rank", "explain"]
+    )
+
+
+def demo_preset(name: str, seed: int = 0) -> DemoConfig:
+    """``quick``: toy sizes for tests and CI (about a minute on 2 cores); ``default``: the CPU
+    demo that shows the real effect."""
+    if name == "quick":
+        return DemoConfig(
+            n=240,
+            size=32,
+            classifier=ClassifierTrainConfig(
+                image_size=32, preset="tiny", epochs=4, batch_size=32, seed=seed
+            ),
+            autoencoder=AutoencoderTrainConfig(
+                preset="tiny",
+                steps=120,
+                batch_size=16,
+                lr=2e-3,
+                warmup_steps=10,
+                sample_every=60,
+                eval_images=8,
+                ddim_steps=10,
+                consistency_start=40,
+                consistency_ramp=20,
+                seed=seed,
+            ),
+            directions=DirectionTrainConfig(
+                k=3, steps=15, batch_size=4, eval_images=8, hidden=32, seed=seed
+            ),
+            rank=RankConfig(m=2, n_images=12, ddim_steps=8, seed=seed),
+            explain=ExplainConfig(n_cells=4, n_strip=3, n_alphas=5, ddim_steps=8, seed=seed),
+        )
+    if name == "default":
+        return DemoConfig(
+            n=3000,
+            size=48,
+            classifier=ClassifierTrainConfig(image_size=48, seed=seed),
+            autoencoder=AutoencoderTrainConfig(seed=seed),
+            directions=DirectionTrainConfig(seed=seed),
+            rank=RankConfig(seed=seed),
+            explain=ExplainConfig(seed=seed),
+        )
+    raise DiffexError(f"unknown demo preset {name!r}; choose quick or default")
+
+
+def _stage_marker(out: Path, stage: str) -> Path:
+    return out / ".stages" / f"{stage}.json"
+
+
+def _done(out: Path, stage: str, config: dict[str, Any]) -> bool:
+    marker = _stage_marker(out, stage)
+    return marker.is_file() and read_json(marker).get("config") == config
+
+
+def run_demo(out: Path, cfg: DemoConfig, device: torch.device, seed: int = 0) -> dict[str, Any]:
+    """Run (or resume) every stage into ``out``; returns the summary."""
+    out = Path(out)
+    data = out / "data"
+    timings: dict[str, float] = {}
+    results: dict[str, Any] = {}
+    synth_cfg = {"n": cfg.n, "size": cfg.size, "seed": seed, "spec": "default"}
+    if _done(out, "synth", synth_cfg) and (data / "factors.csv").is_file():
+        info(f"demo: reusing synthetic data in {data}")
+    else:
+        t0 = time.perf_counter()
+        generate(
+            load_spec(None), data, n=cfg.n, seed=seed, size=cfg.size, fmt="png", overwrite=True
+        )
+        timings["synth"] = time.perf_counter() - t0
+        write_json(_stage_marker(out, "synth"), {"config": synth_cfg})
+    upstream = dict(synth_cfg)
+    steps = {
+        "classifier": (cfg.classifier, lambda: train_classifier(data, out, cfg.classifier, device)),
+        "autoencoder": (cfg.autoencoder, lambda: train_autoencoder(out, cfg.autoencoder, device)),
+        "directions": (cfg.directions, lambda: train_directions(out, cfg.directions, device)),
+        "rank": (cfg.rank, lambda: rank_directions(out, cfg.rank, device)),
+        "explain": (cfg.explain, lambda: explain_run(out, cfg.explain, device)),
+    }
+    for stage in cfg.stages:
+        stage_cfg, fn = steps[stage]
+        upstream = {**upstream, stage: asdict(stage_cfg)}
+        if _done(out, stage, upstream):
+            info(f"demo: {stage} already done for this configuration, skipping")
+            results[stage] = read_json(_stage_marker(out, stage)).get("result", {})
+            continue
+        info(f"demo: {stage}")
+        t0 = time.perf_counter()
+        result = fn()
+        timings[stage] = time.perf_counter() - t0
+        results[stage] = _brief(stage, result)
+        write_json(
+            _stage_marker(out, stage),
+            {"config": upstream, "result": results[stage], "seconds": timings[stage]},
+        )
+    summary = {"out": str(out.resolve()), "timings": timings, **results}
+    write_json(out / "demo_summary.json", summary)
+    return summary
+
+
+def _brief(stage: str, result: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers the closing summary shows for each stage."""
+    if stage == "classifier":
+        split = result.get("test") or result.get("val") or {}
+        return {
+            "accuracy": split.get("accuracy"),
+            "balanced_accuracy": split.get("balanced_accuracy"),
+            "ece": split.get("ece"),
+        }
+    if stage == "autoencoder":
+        return {
+            k: {m: result[k][m] for m in ("psnr", "ssim", "agreement")}
+            for k in ("roundtrip", "semantic_only")
+        }
+    if stage == "directions":
+        return {
+            "class_gap": result.get("class_gap"),
+            "heldout_accuracy": result.get("final", {}).get("heldout_accuracy"),
+        }
+    if stage == "rank":
+        return {
+            "target_class": result["target_class"],
+            "alpha": result["alpha"],
+            "n_images": result["n_images"],
+            "directions": result["directions"],
+            "reference": result["reference"],
+        }
+    if stage == "explain":
+        items = []
+        for item in result.get("items", []):
+            rows = [
+                r
+                for r in item.get("morphology", [])
+                if r.get("fraction_of_gap") == r.get("fraction_of_gap")
+            ]
+            rows.sort(key=lambda r: -abs(r["fraction_of_gap"]))
+            items.append(
+                {
+                    "name": item["name"],
+                    "top_changes": [
+                        {
+                            "feature": r["feature"],
+                            "pct_change": r["pct_change"],
+                            "fraction_of_gap": r["fraction_of_gap"],
+                            "rho_alpha": r.get("rho_alpha"),
+                        }
+                        for r in rows[:3]
+                    ],
+                }
+            )
+        return {"items": items}
+    return {}

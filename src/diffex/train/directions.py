@@ -1,0 +1,244 @@
+"""Directions stage: learn K contrastive latent directions, write ``RUN/directions/``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diffex.data.loading import load_split
+from diffex.diffusion import predict_x0, q_sample
+from diffex.errors import DiffexError
+from diffex.io.atomic import write_json
+from diffex.io.checkpoint import load_config, load_state, save_module
+from diffex.log import info
+from diffex.models.autoencoder import DiffusionAutoencoder
+from diffex.models.contrastive import (
+    OBJECTIVES,
+    Projector,
+    contrastive_accuracy,
+    contrastive_loss,
+    decorrelation_penalty,
+)
+from diffex.models.directions import (
+    DirectionModelConfig,
+    DirectionModels,
+    LatentEditor,
+    LatentSpace,
+)
+from diffex.report.plots import training_curve
+from diffex.rundir import RunDir
+from diffex.train.autoencoder import load_autoencoder
+from diffex.train.loop import EpochSampler, LoopConfig, run_loop
+
+
+@dataclass
+class DirectionTrainConfig:
+    """Settings of the directions stage."""
+
+    k: int = 10
+    kind: str = "nonlinear"
+    objective: str = "classifier"
+    alpha: float = 1.0
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-3
+    decorrelation: float = 0.0
+    t_edit: int = 400
+    hidden: int = 256
+    eval_images: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise DiffexError(
+                f"objective {self.objective!r} must be one of {', '.join(OBJECTIVES)}"
+            )
+        if self.alpha <= 0:
+            raise DiffexError(f"alpha must be > 0 (in class gaps), got {self.alpha}")
+        if self.batch_size < 2:
+            raise DiffexError(
+                f"batch_size must be >= 2 (positives need pairs), got {self.batch_size}"
+            )
+        if self.steps < 1:
+            raise DiffexError(f"steps must be >= 1, got {self.steps}")
+        if self.k < 2:
+            raise DiffexError(f"k must be >= 2 (negatives need other directions), got {self.k}")
+
+
+class DirectionTrainer(nn.Module):
+    """What the directions stage optimises: the direction models and, for ``paper``, the
+    projector. The autoencoder and classifier are frozen and kept outside (eval mode)."""
+
+    def __init__(self, editor: LatentEditor, objective: str, z_dim: int) -> None:
+        super().__init__()
+        self.editor = editor
+        self.projector = Projector(z_dim) if objective == "paper" else None
+
+
+def semantic_latents(ae: DiffusionAutoencoder, x: Tensor, batch_size: int = 256) -> Tensor:
+    """z_sem of every image (no DDIM inversion needed), on the CPU."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            out.append(ae.semantic(x[i : i + batch_size].to(ae.device)).float().cpu())
+    return torch.cat(out)
+
+
+def edit_features(
+    trainer: DirectionTrainer,
+    ae: DiffusionAutoencoder,
+    objective: str,
+    z: Tensor,
+    x: Tensor,
+    alpha: float,
+    t_edit: int,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Contrastive features of all K edits of a batch: (features (K*B, F), labels, units)."""
+    editor = trainer.editor
+    space, dirs = editor.space, editor.directions
+    zs = space.standardise(z)
+    units = dirs.units(zs)  # (K, B, D)
+    k, b, _ = units.shape
+    edited = zs[None] + alpha * space.gap * units  # (K, B, D) standardised
+    labels = torch.arange(k, device=z.device).repeat_interleave(b)
+    if objective == "paper":
+        assert trainer.projector is not None
+        base = trainer.projector(zs)
+        feats = trainer.projector(edited.reshape(k * b, -1)) - base.repeat(k, 1)
+        return feats, labels, units
+    # One-step decode of each edit from the same noisy image at t_edit.
+    t = torch.full((b,), t_edit, dtype=torch.long, device=x.device)
+    noise = torch.randn(x.shape, generator=generator).to(x.device)
+    x_t = q_sample(ae.schedule, x, t, noise)
+    z_raw = space.unstandardise(edited.reshape(k * b, -1))
+    x_t_rep, t_rep = x_t.repeat(k, 1, 1, 1), t.repeat(k)
+    x0_edit = predict_x0(ae.schedule, x_t_rep, t_rep, ae.eps(x_t_rep, t_rep, z_raw)).clamp(-1, 1)
+    with torch.no_grad():
+        x0_base = predict_x0(ae.schedule, x_t, t, ae.eps(x_t, t, z)).clamp(-1, 1)
+    phi = ae.classifier.features if objective == "classifier" else ae.encoder
+    with torch.no_grad():
+        base = phi(x0_base).float()
+    feats = phi(x0_edit).float() - base.repeat(k, 1)
+    return feats, labels, units
+
+
+def train_directions(
+    run: str | Path, cfg: DirectionTrainConfig, device: torch.device
+) -> dict[str, Any]:
+    """Fit the latent space on training latents, train K directions, write RUN/directions/."""
+    rd = RunDir(run)
+    plan = rd.load_plan()
+    ae = load_autoencoder(run, device).eval().requires_grad_(False)
+    train = load_split(plan, "train")
+    info(f"directions: encoding {len(train.y)} training images to z_sem")
+    z_train = semantic_latents(ae, train.x)
+    z_dim = z_train.shape[1]
+    space = LatentSpace(z_dim, len(plan.classes)).fit(z_train, train.y)
+    info(f"directions: class gap in standardised z = {float(space.gap):.2f} (alpha unit)")
+    torch.manual_seed(cfg.seed)
+    dcfg = DirectionModelConfig(z_dim=z_dim, k=cfg.k, kind=cfg.kind, hidden=cfg.hidden)
+    trainer = DirectionTrainer(LatentEditor(space, DirectionModels(dcfg)), cfg.objective, z_dim)
+    trainer.to(device)
+    gen = torch.Generator().manual_seed(cfg.seed + 7)
+
+    sampler = iter(EpochSampler(len(z_train), cfg.batch_size, cfg.seed))
+    batches = (i for i in sampler)
+
+    def loss_fn(m: nn.Module, idx: Tensor, step: int) -> dict[str, Tensor]:
+        feats, labels, units = edit_features(
+            m,
+            ae,
+            cfg.objective,
+            z_train[idx].to(device),
+            train.x[idx].to(device),
+            cfg.alpha,
+            cfg.t_edit,
+            gen,
+        )
+        loss = contrastive_loss(feats, labels)
+        out = {"contrastive": loss}
+        if cfg.decorrelation > 0:
+            pen = decorrelation_penalty(units)
+            loss = loss + cfg.decorrelation * pen
+            out["decorrelation"] = pen
+        out["loss"] = loss
+        return out
+
+    held = load_split(plan, "val")
+    n_eval = min(cfg.eval_images, len(held.y))
+    z_held, x_held = semantic_latents(ae, held.x[:n_eval]), held.x[:n_eval]
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        with torch.no_grad():
+            feats, labels, _ = edit_features(
+                m,
+                ae,
+                cfg.objective,
+                z_held.to(device),
+                x_held.to(device),
+                cfg.alpha,
+                cfg.t_edit,
+                torch.Generator().manual_seed(cfg.seed + 99),
+            )
+            return {
+                "heldout_loss": float(contrastive_loss(feats, labels)),
+                "heldout_accuracy": contrastive_accuracy(feats, labels),
+            }
+
+    loop = LoopConfig(
+        steps=cfg.steps,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=0,
+        schedule="constant",
+        eval_every=max(1, cfg.steps // 4),
+        log_every=max(1, cfg.steps // 20),
+    )
+    result = run_loop(trainer, loss_fn, batches, loop, device, evaluate=evaluate, desc="directions")
+    trainer = result.model
+    out = rd.stage("directions")
+    config = {
+        "model": dcfg.to_dict(),
+        "train": asdict(cfg),
+        "n_classes": len(plan.classes),
+        "classes": plan.classes,
+    }
+    save_module(out, trainer, config)
+    metrics = {
+        "class_gap": float(space.gap),
+        "final": result.evals[-1] if result.evals else {},
+        "evals": result.evals,
+        "train_seconds": round(result.seconds, 1),
+        "history": result.history,
+    }
+    write_json(out / "metrics.json", metrics)
+    training_curve(
+        result.history,
+        result.evals,
+        out / "training_curve.png",
+        "directions",
+        eval_keys=("heldout_accuracy",),
+    )
+    return metrics
+
+
+def load_editor(run: str | Path, device: torch.device | str = "cpu") -> LatentEditor:
+    """Load a run's latent space and direction models (eval mode)."""
+    folder = RunDir(run).require("directions")
+    cfg = load_config(folder)
+    try:
+        dcfg = DirectionModelConfig(**cfg["model"])
+        objective = cfg["train"]["objective"]
+        n_classes = int(cfg["n_classes"])
+    except (KeyError, TypeError) as exc:
+        raise DiffexError(f"{folder / 'config.json'} is not a directions config: {exc}") from None
+    editor = LatentEditor(LatentSpace(dcfg.z_dim, n_classes), DirectionModels(dcfg))
+    trainer = DirectionTrainer(editor, objective, dcfg.z_dim)
+    load_state(trainer, folder / "model.safetensors")
+    return trainer.editor.to(device).eval()

@@ -1,0 +1,70 @@
+"""The quick demo runs the whole pipeline end to end, writes every file, and resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diffex.cli import main
+from diffex.io.atomic import read_json
+
+FIGURES = (
+    "strip.png",
+    "sweep.gif",
+    "probability.png",
+    "difference.png",
+    "channels.png",
+    "morphology.png",
+    "summary.json",
+)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["--device", "cpu", "demo", "--preset", "quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_quick_demo_writes_every_stage(demo_run: Path) -> None:
+    out = demo_run
+    for rel in (
+        "data/factors.csv",
+        "data/contact_sheet.png",
+        "data.json",
+        "classifier/model.safetensors",
+        "classifier/metrics.json",
+        "autoencoder/model.safetensors",
+        "autoencoder/metrics.json",
+        "autoencoder/reconstructions.png",
+        "directions/model.safetensors",
+        "directions/metrics.json",
+        "directions/training_curve.png",
+        "ranking.json",
+        "explanations/summary.json",
+        "demo_summary.json",
+    ):
+        assert (out / rel).is_file(), rel
+    ranking = read_json(out / "ranking.json")
+    for key in ("target_class", "alpha", "n_images", "directions", "reference", "all_pairs"):
+        assert key in ranking
+    assert ranking["target_class"] == "treated"
+    assert len(ranking["all_pairs"]) == 2 * 3  # K = 3 directions, two signs
+    summary = read_json(out / "explanations" / "summary.json")
+    names = [item["name"] for item in summary["items"]]
+    assert len(names) == len(ranking["directions"]) + 1  # ranked + class-mean reference
+    for name in names:
+        for fig in FIGURES:
+            path = out / "explanations" / name / fig
+            assert path.is_file() and path.stat().st_size > 0, path
+
+
+def test_rerun_skips_finished_stages(demo_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = (demo_run / "autoencoder" / "model.safetensors").stat().st_mtime_ns
+    assert main(["--device", "cpu", "demo", "--preset", "quick", "--out", str(demo_run)]) == 0
+    err = capsys.readouterr().err
+    assert "reusing synthetic data" in err
+    for stage in ("classifier", "autoencoder", "directions", "rank", "explain"):
+        assert f"{stage} already done" in err
+    assert (demo_run / "autoencoder" / "model.safetensors").stat().st_mtime_ns == before

@@ -1,0 +1,77 @@
+"""Direction models, the latent space and the contrastive objectives."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffex.errors import DiffexError
+from diffex.models.contrastive import (
+    contrastive_accuracy,
+    contrastive_loss,
+    decorrelation_penalty,
+)
+from diffex.models.directions import (
+    DirectionModelConfig,
+    DirectionModels,
+    LatentEditor,
+    LatentSpace,
+)
+
+
+def test_paper_loss_matches_hand_computation() -> None:
+    f = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-0.8, 0.6], [0.6, -0.8]])
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    total = 0.0
+    for i in range(5):
+        pos, neg = [], []
+        for j in range(5):
+            if i == j:
+                continue
+            s = math.exp(0.5 * abs(float(f[i] @ f[j])))
+            (pos if labels[i] == labels[j] else neg).append(s)
+        total += -math.log((sum(pos) / len(pos)) / (sum(neg) / len(neg)))
+    assert float(contrastive_loss(f, labels)) == pytest.approx(total / 5, rel=1e-6)
+
+
+def test_paper_loss_floor_and_accuracy() -> None:
+    f = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, 2.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    # identical (up to sign) features within a direction, orthogonal across: the floor -0.5
+    assert float(contrastive_loss(f, labels)) == pytest.approx(-0.5, abs=1e-6)
+    assert contrastive_accuracy(f, labels) == 1.0
+
+
+def test_decorrelation_penalty() -> None:
+    eye = torch.eye(3)[:, None, :].expand(3, 4, 3)  # K=3 orthogonal shifts at 4 samples
+    assert float(decorrelation_penalty(eye)) == pytest.approx(0.0)
+    same = torch.ones(3, 4, 3) / math.sqrt(3)
+    assert float(decorrelation_penalty(same)) == pytest.approx(1.0)
+
+
+def test_latent_space_gap_and_edit_length() -> None:
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(200, 6, generator=g) * torch.tensor([1.0, 2, 3, 4, 5, 6])
+    y = torch.arange(200) % 2
+    z[y == 1, 0] += 4.0
+    space = LatentSpace(6, 2).fit(z, y)
+    zs = space.standardise(z)
+    gap = (zs[y == 1].mean(0) - zs[y == 0].mean(0)).norm()
+    assert float(space.gap) == pytest.approx(float(gap), rel=1e-5)
+    for kind in ("nonlinear", "linear", "global"):
+        dirs = DirectionModels(DirectionModelConfig(z_dim=6, k=3, kind=kind, hidden=16)).eval()
+        editor = LatentEditor(space, dirs)
+        moved = space.standardise(editor.edit(z[:5], 1, -1, 0.5)) - zs[:5]
+        torch.testing.assert_close(moved.norm(dim=1), torch.full((5,), 0.5 * float(gap)))
+    # the class-mean unit vector points from source to target
+    d = space.class_direction(0, 1)
+    assert float(d.norm()) == pytest.approx(1.0) and float(d[0]) > 0.9
+
+
+def test_config_validation() -> None:
+    with pytest.raises(DiffexError, match="kind"):
+        DirectionModelConfig(z_dim=4, kind="wiggly")
+    with pytest.raises(DiffexError, match="at least two latents"):
+        LatentSpace(4, 2).fit(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long))

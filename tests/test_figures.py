@@ -1,0 +1,152 @@
+"""Direction figures: each writes a non-empty file of the right type; the morphology readout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffex.data.loading import DataPlan, Normalization
+from diffex.data.spec import load_spec
+from diffex.data.synth import render_cell, sample_factors
+from diffex.errors import DiffexError
+from diffex.explain.figures import (
+    alpha_strip,
+    channel_panels,
+    class_feature_stats,
+    difference_map,
+    morphology_readout,
+    morphology_table_png,
+    probability_curve,
+    sweep_gif,
+)
+
+torch.set_num_threads(1)
+
+ALPHAS = np.array([-2.0, -1.0, 0.0, 1.0, 2.0])
+
+
+def make_plan(c: int = 3) -> DataPlan:
+    norm = Normalization(mode="dataset").fit(np.tile(np.linspace(0, 1, 16), (2, c, 4, 4)))
+    return DataPlan(
+        source="test",
+        classes=["control", "treated"],
+        channel_names=["DAPI", "actin", "spots"][:c],
+        channel_colors=["#3b6cff", "#3bd15a", "#ff4fd8"][:c],
+        image_size=16,
+        normalization=norm,
+        splits={},
+        labels={},
+    )
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    """5 alphas x 3 cells x 3 channels x 16 px: a blob that grows with alpha, in [-1, 1]."""
+    yy, xx = np.mgrid[:16, :16] - 7.5
+    frames = np.zeros((len(ALPHAS), 3, 3, 16, 16), dtype=np.float32)
+    for j, a in enumerate(ALPHAS):
+        for i in range(3):
+            disc = (np.hypot(yy, xx) < 4 + a + 0.5 * i).astype(np.float32)
+            frames[j, i] = disc * np.array([0.9, 0.5, 0.3])[:, None, None] * 2 - 1
+    probs = 1 / (1 + np.exp(-(ALPHAS[:, None] + np.array([[-0.5, 0.0, 0.5]]))))
+    return torch.from_numpy(frames), ALPHAS, probs
+
+
+def _png(path) -> Image.Image:
+    assert path.is_file() and path.stat().st_size > 0
+    im = Image.open(path)
+    assert im.format == "PNG"
+    return im
+
+
+def test_alpha_strip(tmp_path, sweep):
+    frames, alphas, probs = sweep
+    out = alpha_strip(frames, alphas, probs, make_plan(), tmp_path / "s.png", "dir 3 +")
+    assert _png(out).size[0] > 100
+    with pytest.raises(DiffexError, match="probs"):
+        alpha_strip(frames, alphas, probs[:, :2], make_plan(), tmp_path / "x.png", "")
+
+
+def test_sweep_gif_has_ping_pong_frames(tmp_path, sweep):
+    frames, alphas, probs = sweep
+    out = sweep_gif(frames, alphas, probs, make_plan(), tmp_path / "s.gif", fps=5)
+    im = Image.open(out)
+    assert im.format == "GIF" and im.n_frames == 2 * len(alphas) - 2
+    assert im.info.get("loop") == 0
+
+
+def test_probability_curve(tmp_path, sweep):
+    _, alphas, probs = sweep
+    _png(probability_curve(alphas, probs, tmp_path / "c.png", "treated"))
+    with pytest.raises(DiffexError):
+        probability_curve(alphas[:3], probs, tmp_path / "x.png", "treated")
+
+
+def test_difference_map_and_channel_panels(tmp_path, sweep):
+    frames, alphas, _ = sweep
+    _png(difference_map(frames, alphas, make_plan(), tmp_path / "d.png"))
+    _png(channel_panels(frames, alphas, make_plan(), tmp_path / "p.png", cell=1))
+    one = frames[:, :, :1]  # single channel, only non-negative alphas
+    _png(channel_panels(one[2:], alphas[2:], make_plan(1), tmp_path / "p1.png"))
+    _png(difference_map(one, alphas, make_plan(1), tmp_path / "d1.png"))
+    with pytest.raises(DiffexError, match="cell"):
+        channel_panels(frames, alphas, make_plan(), tmp_path / "x.png", cell=9)
+
+
+@pytest.fixture(scope="module")
+def readout():
+    """8 control cells at 32 px, unedited and with a nucleus 60 px^2 larger (same seeds)."""
+    spec, size = load_spec(None), 32
+    facs = sample_factors(spec, "control", 8, np.random.default_rng(1))
+
+    def render(extra):
+        return np.stack(
+            [
+                render_cell({**f, **extra(f)}, size, np.random.default_rng(100 + i))
+                for i, f in enumerate(facs)
+            ]
+        )
+
+    rng = np.random.default_rng(2)
+    real = {
+        c: np.stack([render_cell(f, size, rng) for f in sample_factors(spec, c, 30, rng)])
+        for c in spec.condition_names
+    }
+    u0 = render(lambda f: {})
+    u1 = render(lambda f: {"nucleus_area": f["nucleus_area"] + 60})
+    rows = morphology_readout(u0, u1, real, "control", "treated", n_boot=200, seed=0)
+    return rows, u0, u1, real
+
+
+def test_morphology_readout_nucleus(readout):
+    rows, *_ = readout
+    by = {r["feature"]: r for r in rows}
+    assert "rotation" not in by
+    nuc = by["nucleus_area"]
+    assert nuc["n"] == 8
+    assert nuc["pct_change"] > 15 and nuc["pct_ci_low"] > 0
+    assert nuc["pct_ci_low"] <= nuc["pct_change"] <= nuc["pct_ci_high"]
+    # the shift (60 px^2) is a bit more than the class gap (1.8 sd = 45 px^2)
+    assert 0.6 < nuc["fraction_of_gap"] < 3.0
+    # unrelated measurements barely move compared with their gap
+    assert abs(by["spot_count"]["change"]) < 1.0
+    assert np.isnan(by["offset_x"]["pct_change"]) and np.isfinite(by["offset_x"]["change"])
+
+
+def test_morphology_readout_with_precomputed_stats(readout, tmp_path):
+    rows, u0, u1, real = readout
+    stats = class_feature_stats(real)
+    rows2 = morphology_readout(u0, u1, stats, "control", "treated", n_boot=200, seed=0)
+    assert [r["feature"] for r in rows2] == [r["feature"] for r in rows]
+    np.testing.assert_allclose(
+        [r["fraction_of_gap"] for r in rows2], [r["fraction_of_gap"] for r in rows], equal_nan=True
+    )
+    means = {c: {k: v["mean"] for k, v in s.items()} for c, s in stats.items()}
+    rows3 = morphology_readout(u0, u1, means, "control", "treated", n_boot=50)
+    assert np.isfinite({r["feature"]: r for r in rows3}["nucleus_area"]["fraction_of_gap"])
+    with pytest.raises(DiffexError, match="mutant"):
+        morphology_readout(u0, u1, stats, "control", "mutant")
+    out = morphology_table_png(rows, tmp_path / "m.png", "direction 3 +")
+    _png(out)

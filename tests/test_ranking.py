@@ -1,0 +1,316 @@
+"""AttFind ranking on stub models with known effects, and the artifact guard on synthetic cells."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from diffex.data.spec import load_spec
+from diffex.data.synth import render_cell, sample_factors
+from diffex.errors import DiffexError
+from diffex.explain.ranking import (
+    SIGNS,
+    EditEffects,
+    artifact_flags,
+    artifact_measures,
+    artifact_z,
+    attfind,
+    edit_effects,
+    format_ranking,
+    reference_spread,
+)
+
+torch.set_num_threads(1)
+
+# --- stub models ---------------------------------------------------------------------------
+# z is a vector of length K; edit k adds sign * alpha * e_k; the decoder paints a constant image
+# whose value is tanh(z . w + bias) (bias = reconstruction error, ignored by the deltas);
+# p(class 1) = sigmoid(SCALE * mean(image)). So direction k moves p(1) by sign * w_k.
+
+SCALE = 4.0
+
+
+def edit_fn(z: torch.Tensor, k: int, sign: int, alpha: float) -> torch.Tensor:
+    out = z.clone()
+    out[:, k] += sign * alpha
+    return out
+
+
+class Decoder:
+    def __init__(self, w: list[float], bias: float = 0.05, size: int = 4) -> None:
+        self.w = torch.tensor(w, dtype=torch.float32)
+        self.bias = bias
+        self.size = size
+        self.calls: list[int] = []
+
+    def __call__(self, z: torch.Tensor, x_T: torch.Tensor) -> torch.Tensor:
+        self.calls.append(len(z))
+        v = torch.tanh(z @ self.w + self.bias + 0.0 * x_T.mean(dim=(1, 2, 3)))
+        return v[:, None, None, None].expand(len(z), 1, self.size, self.size).clone()
+
+
+def prob2(img: torch.Tensor) -> torch.Tensor:
+    p1 = torch.sigmoid(SCALE * img.mean(dim=(1, 2, 3)))
+    return torch.stack([1 - p1, p1], 1)
+
+
+def prob3(img: torch.Tensor) -> torch.Tensor:
+    """Three classes; class 2 rises with the image mean."""
+    m = img.mean(dim=(1, 2, 3))
+    return torch.softmax(torch.stack([0.5 + 0 * m, 0 * m, SCALE * m], 1), 1)
+
+
+def inputs(n: int, K: int, seed: int = 0, spread: float = 0.2, offset: float = -0.4):
+    g = torch.Generator().manual_seed(seed)
+    z = offset + spread * torch.randn(n, K, generator=g) / K**0.5
+    return z, torch.randn(n, 1, 4, 4, generator=g)
+
+
+W4 = [0.8, -0.5, 0.3, 0.02]  # direction 0 +, then 1 -, then 2 +, 3 does almost nothing
+
+
+def effects_for(w, n=16, target=1, prob=prob2, **kw) -> EditEffects:
+    z, xT = inputs(n, len(w), **kw)
+    return edit_effects(z, xT, edit_fn, Decoder(w), prob, len(w), 1.0, target, progress=False)
+
+
+# --- edit_effects ----------------------------------------------------------------------------
+
+
+def test_effects_shapes_and_deltas_against_reconstruction():
+    w = [0.8, 0.0]
+    z, xT = inputs(5, 2)
+    dec = Decoder(w, bias=0.3)  # reconstruction differs from "the original"
+    eff = edit_effects(z, xT, edit_fn, dec, prob2, 2, 1.0, 1)  # progress bar on (default)
+    assert eff.probs_recon.shape == (5, 2) and eff.probs_edit.shape == (2, 2, 5, 2)
+    assert eff.delta().shape == (2, 2, 5)
+    # direction 1 has no effect: its delta is exactly zero against the reconstruction
+    assert np.abs(eff.delta()[1]).max() < 1e-6
+    assert (eff.delta()[0, SIGNS.index(1)] > 0).all() and (eff.delta()[0, 1] < 0).all()
+    expected = prob2(dec(z, xT))[:, 1].numpy()
+    np.testing.assert_allclose(eff.p_recon(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8, 256])
+def test_batching_is_invisible_and_bounded(batch_size):
+    w = W4
+    z, xT = inputs(7, 4)
+    ref = edit_effects(z, xT, edit_fn, Decoder(w), prob2, 4, 1.0, 1, progress=False)
+    dec = Decoder(w)
+    eff = edit_effects(z, xT, edit_fn, dec, prob2, 4, 1.0, 1, batch_size=batch_size, progress=False)
+    np.testing.assert_allclose(eff.probs_edit, ref.probs_edit, atol=1e-6)
+    assert max(dec.calls) <= batch_size
+    assert sum(dec.calls) == 7 + 7 * 4 * 2
+    if batch_size == 256:
+        assert dec.calls == [7, 56]  # reconstruction once, all edits of all images in one call
+
+
+def test_keep_images_matches_direct_decode():
+    w = [0.8, -0.5]
+    z, xT = inputs(3, 2)
+    dec = Decoder(w)
+    eff = edit_effects(
+        z, xT, edit_fn, dec, prob2, 2, 1.0, 1, batch_size=3, progress=False, keep_images=True
+    )
+    assert eff.edited.shape == (2, 2, 3, 1, 4, 4) and eff.recon.shape == (3, 1, 4, 4)
+    torch.testing.assert_close(eff.edited[1, 1], dec(edit_fn(z, 1, -1, 1.0), xT))
+    torch.testing.assert_close(eff.recon, dec(z, xT))
+
+
+def test_effects_bad_inputs():
+    z, xT = inputs(3, 2)
+
+    def bad_edit(z, k, s, a):
+        return z[:, :1]
+
+    with pytest.raises(DiffexError, match="edit_fn"):
+        edit_effects(z, xT, bad_edit, Decoder([1, 1]), prob2, 2, 1.0, 1, progress=False)
+    with pytest.raises(DiffexError, match="target"):
+        edit_effects(z, xT, edit_fn, Decoder([1, 1]), prob2, 2, 1.0, 5, progress=False)
+    with pytest.raises(DiffexError, match="same N"):
+        edit_effects(z[:2], xT, edit_fn, Decoder([1, 1]), prob2, 2, 1.0, 1, progress=False)
+
+
+# --- attfind ---------------------------------------------------------------------------------
+
+
+def test_known_order_and_signs():
+    eff = effects_for(W4)
+    ranked = attfind(eff, 1, M=4, threshold=0.1, threshold_step=0.02)
+    assert [(d.direction, d.sign) for d in ranked] == [(0, 1), (1, -1), (2, 1)]
+    assert [d.rank for d in ranked] == [1, 2, 3]
+    assert all(d.mean_delta_p > 0 for d in ranked)
+    assert ranked[0].mean_delta_p > ranked[1].mean_delta_p > ranked[2].mean_delta_p
+    assert [d.threshold for d in ranked] == pytest.approx([0.1, 0.08, 0.06])
+    assert sum(d.n_explained for d in ranked) <= 16
+    assert 0 <= ranked[0].flip_rate <= 1 and ranked[0].flip_rate > ranked[2].flip_rate
+    d = ranked[0].to_dict()
+    assert d["direction"] == 0 and d["sign"] == 1 and isinstance(d["artifact_flags"], list)
+    assert "rank" in format_ranking(ranked)
+
+
+def test_deltas_of_the_ranking_match_the_stub():
+    """mean_delta_p is the mean over all source images of the exact delta of the stub."""
+    z, xT = inputs(16, 4)
+    dec = Decoder(W4)
+    eff = edit_effects(z, xT, edit_fn, dec, prob2, 4, 1.0, 1, progress=False)
+    ranked = attfind(eff, 1, M=1)
+    src = eff.pred_recon != 1
+    p0 = prob2(dec(z, xT))[:, 1]
+    p1 = prob2(dec(edit_fn(z, 0, 1, 1.0), xT))[:, 1]
+    assert ranked[0].mean_delta_p == pytest.approx(float((p1 - p0)[src].mean()), abs=1e-5)
+
+
+def test_m_equals_k_terminates():
+    eff = effects_for([0.9, -0.8, 0.7])
+    ranked = attfind(eff, 1, M=3, threshold=0.05)
+    assert 1 <= len(ranked) <= 3
+    assert len({d.direction for d in ranked}) == len(ranked)
+
+
+def test_nothing_passes_threshold():
+    eff = effects_for(W4)
+    assert attfind(eff, 1, M=2, threshold=0.99, min_threshold=0.99) == []
+    assert format_ranking([]).startswith("no direction")
+
+
+def test_all_images_explained_after_one_direction():
+    eff = effects_for(W4, spread=0.0)  # identical images: the first direction explains all
+    ranked = attfind(eff, 1, M=3, threshold=0.05)
+    assert len(ranked) == 1 and ranked[0].n_explained == 16
+
+
+def test_single_direction_and_single_image():
+    assert len(attfind(effects_for([0.8]), 1, M=1)) == 1
+    ranked = attfind(effects_for(W4, n=1), 1, M=4, threshold=0.05)
+    assert len(ranked) == 1 and ranked[0].n_explained == 1 and ranked[0].flip_rate in (0, 1)
+
+
+def test_three_classes_target_2():
+    eff = effects_for(W4, prob=prob3, target=2)
+    assert eff.n_classes == 3
+    ranked = attfind(eff, 2, M=3, threshold=0.05)
+    assert [(d.direction, d.sign) for d in ranked][:2] == [(0, 1), (1, -1)]
+    assert all(d.mean_delta_p > 0 for d in ranked)
+    # the same effects serve class 0: every image is already predicted 0, so by default there
+    # is nothing to explain; with all images passed explicitly the signs are reversed
+    assert attfind(eff, 0, M=2) == []
+    r0 = attfind(eff, 0, M=2, threshold=0.01, images=np.ones(16, dtype=bool))
+    assert (r0[0].direction, r0[0].sign) == (0, -1)
+
+
+def test_m_greater_than_k_and_bad_arguments_raise():
+    eff = effects_for([0.8, 0.5])
+    with pytest.raises(DiffexError, match="M=3"):
+        attfind(eff, 1, M=3)
+    with pytest.raises(DiffexError):
+        attfind(eff, 1, M=0)
+    with pytest.raises(DiffexError, match="target"):
+        attfind(eff, 4, M=1)
+    with pytest.raises(DiffexError, match="threshold"):
+        attfind(eff, 1, M=1, threshold=0.1, min_threshold=0.2)
+
+
+def test_flagged_pairs_are_skipped():
+    eff = effects_for(W4)
+    ranked = attfind(eff, 1, M=2, threshold=0.1, flagged={(0, 1): ["noise +5.0 sd"]})
+    assert (0, 1) not in [(d.direction, d.sign) for d in ranked]
+    assert (ranked[0].direction, ranked[0].sign) == (1, -1)
+    kept = attfind(eff, 1, M=1, threshold=0.1, flagged={(0, 1)}, skip_flagged=False)
+    assert kept[0].direction == 0 and kept[0].artifact_flags == ["flagged"]
+
+
+def _hand_effects(p1_edit: np.ndarray, p1_recon: float = 0.05) -> EditEffects:
+    """EditEffects from p(class 1) of each edit, (K, 2, N), for two classes."""
+    pe = np.stack([1 - p1_edit, p1_edit], -1).astype(np.float32)
+    n = p1_edit.shape[-1]
+    pr = np.tile(np.array([[1 - p1_recon, p1_recon]], dtype=np.float32), (n, 1))
+    return EditEffects(target=1, alpha=1.0, probs_recon=pr, probs_edit=pe)
+
+
+def test_direction_not_reused_with_other_sign():
+    # direction 0 explains images 0-1 with sign + and images 2-3 with sign -; direction 1 is weak
+    p = np.full((2, 2, 4), 0.05)
+    p[0, 0, :2] = 0.95
+    p[0, 1, 2:] = 0.95
+    p[1, 0, :] = 0.4
+    eff = _hand_effects(p)
+    ranked = attfind(eff, 1, M=2, threshold=0.1)
+    assert [(d.direction, d.sign) for d in ranked] == [(0, 1), (1, 1)]
+    assert ranked[0].n_explained == 2 and ranked[1].mean_delta_p_round == pytest.approx(0.35)
+    assert ranked[0].flip_rate == 0.5 and ranked[1].flip_rate == 0.0
+
+
+def test_nan_effects_terminate():
+    eff = _hand_effects(np.full((3, 2, 5), np.nan))
+    assert attfind(eff, 1, M=3) == []
+
+
+def test_caller_chooses_source_images():
+    eff = effects_for(W4)
+    mask = np.zeros(16, dtype=bool)
+    mask[:4] = True
+    ranked = attfind(eff, 1, M=2, threshold=0.05, images=mask)
+    assert sum(d.n_explained for d in ranked) <= 4
+    assert attfind(eff, 1, M=2, images=[]) == []
+
+
+# --- artifact guard --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cells():
+    """Real reference cells, and 8 control cells rendered three ways with the same seeds."""
+    spec, size = load_spec(None), 32
+    rng = np.random.default_rng(0)
+    real = np.stack(
+        [
+            render_cell(f, size, rng)
+            for c in spec.condition_names
+            for f in sample_factors(spec, c, 40, rng)
+        ]
+    )
+    facs = sample_factors(spec, "control", 8, np.random.default_rng(1))
+
+    def render(extra):
+        return np.stack(
+            [
+                render_cell({**f, **extra(f)}, size, np.random.default_rng(100 + i))
+                for i, f in enumerate(facs)
+            ]
+        )
+
+    recon = render(lambda f: {})
+    bigger = render(lambda f: {"nucleus_area": f["nucleus_area"] + 60})
+    spots = render(lambda f: {"spot_count": f["spot_count"] + 10})
+    noisy = np.clip(recon + np.random.default_rng(5).normal(0, 0.08, recon.shape), 0, 1)
+    return reference_spread(real), recon, bigger, spots, noisy
+
+
+def test_noise_edit_is_flagged_morphology_edits_are_not(cells):
+    spread, recon, bigger, spots, noisy = cells
+    flags = artifact_flags(artifact_measures(recon, noisy), spread)
+    assert any(f.startswith("high-frequency energy +") for f in flags), flags
+    assert any(f.startswith("noise +") for f in flags), flags
+    for edit in (bigger, spots):
+        m = artifact_measures(recon, edit)
+        assert artifact_flags(m, spread) == [], artifact_z(m, spread)
+    z = artifact_z(artifact_measures(recon, noisy), spread)
+    assert z["high_frequency"] > 3 and z["noise"] > 3
+
+
+def test_background_shift_is_flagged(cells):
+    spread, recon, *_ = cells
+    flags = artifact_flags(artifact_measures(recon, np.clip(recon + 0.06, 0, 1)), spread)
+    assert any(f.startswith("background +") for f in flags), flags
+
+
+def test_artifact_inputs_checked(cells):
+    spread, recon, *_ = cells
+    with pytest.raises(DiffexError):
+        artifact_measures(recon, recon[:2])
+    with pytest.raises(DiffexError):
+        reference_spread(recon[:1])
+    m = artifact_measures(torch.as_tensor(recon), torch.as_tensor(recon))
+    assert all(np.allclose(v, 0) for v in m.values())
