@@ -77,8 +77,8 @@ def _short(exc: Exception) -> str:
 def _check_pixels(path: Path, h: int, w: int, max_pixels: int) -> None:
     if h * w > max_pixels:
         raise DiffexError(
-            f"image {path} is {w}x{h} = {h * w} pixels, above the limit of {max_pixels} "
-            "(raise it with --max-pixels)"
+            f"image {path} is {w}x{h} = {h * w} pixels, above the limit of {max_pixels}; "
+            "crop it first"
         )
 
 
