@@ -314,3 +314,15 @@ def test_artifact_inputs_checked(cells):
         reference_spread(recon[:1])
     m = artifact_measures(torch.as_tensor(recon), torch.as_tensor(recon))
     assert all(np.allclose(v, 0) for v in m.values())
+
+
+def test_pairs_mapped_to_no_flags_stay_rankable():
+    """The rank stage passes every pair with its (often empty) flag list: only non-empty lists
+    exclude a pair."""
+    eff = effects_for(W4)
+    clean = {(k, s): [] for k in range(4) for s in (1, -1)}
+    ranked = attfind(eff, 1, M=4, threshold=0.1, threshold_step=0.02, flagged=clean)
+    assert [(d.direction, d.sign) for d in ranked] == [(0, 1), (1, -1), (2, 1)]
+    clean[(0, 1)] = ["noise +4.0 sd"]
+    ranked = attfind(eff, 1, M=4, threshold=0.1, threshold_step=0.02, flagged=clean)
+    assert (0, 1) not in [(d.direction, d.sign) for d in ranked]

@@ -291,7 +291,8 @@ def _flag_map(flagged: Mapping[Pair, Sequence[str]] | Iterable[Pair] | None) -> 
         except (TypeError, ValueError):
             raise DiffexError(f"flagged pairs must be (direction, sign), got {pair!r}") from None
         sign_index(s)
-        out[(k, s)] = [str(f) for f in flags] or ["flagged"]
+        if flags:  # a pair mapped to no flags is clean
+            out[(k, s)] = [str(f) for f in flags]
     return out
 
 
