@@ -77,7 +77,7 @@ def _zero_index(alphas: np.ndarray) -> int:
 
 
 def _alpha_label(a: float) -> str:
-    return "α = 0" if a == 0 else f"α = {a:+g}"
+    return "α = 0" if abs(a) < 1e-9 else f"α = {a:+.3g}"
 
 
 def _font(size: int) -> ImageFont.ImageFont:
