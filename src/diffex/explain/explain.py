@@ -199,10 +199,7 @@ def _direction_units(editor: LatentEditor, k: int, sign: int) -> Any:
 
 
 def _class_mean_units(editor: LatentEditor, target: int) -> Any:
-    space = editor.space
-    others = [c for c in range(space.class_means.shape[0]) if c != target]
-    d = space.class_means[target] - space.class_means[others].mean(0)
-    d = d / d.norm().clamp_min(1e-8)
+    d = editor.space.towards(target)
 
     def fn(zs: torch.Tensor) -> torch.Tensor:
         return d.expand_as(zs)

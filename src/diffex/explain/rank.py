@@ -198,10 +198,7 @@ def class_mean_reference(
     """The supervised baseline: move every source latent by alpha class gaps from the mean of the
     other classes towards the target class mean (standardised z)."""
     space = editor.space
-    n_classes = space.class_means.shape[0]
-    others = [c for c in range(n_classes) if c != target]
-    direction = space.class_means[target] - space.class_means[others].mean(0)
-    unit = direction / direction.norm().clamp_min(1e-8)
+    unit = space.towards(target)
     with torch.no_grad():
         moved = editor.edit_along(z.to(space.mean.device), unit, alpha)
         p = probs(decode(moved.to(z.device), x_T))

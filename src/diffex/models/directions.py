@@ -82,6 +82,12 @@ class LatentSpace(nn.Module):
     def unstandardise(self, zs: Tensor) -> Tensor:
         return zs * self.std + self.mean
 
+    def towards(self, target: int) -> Tensor:
+        """Unit vector from the mean of the other classes' means to the target class mean."""
+        others = [c for c in range(self.class_means.shape[0]) if c != target]
+        d = self.class_means[target] - self.class_means[others].mean(0)
+        return d / d.norm().clamp_min(1e-8)
+
     def class_direction(self, source: int, target: int) -> Tensor:
         """Unit vector from the source class mean to the target class mean (standardised z)."""
         d = self.class_means[target] - self.class_means[source]
