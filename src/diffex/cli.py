@@ -140,6 +140,16 @@ def synth(
     click.echo(f"  contact sheet: {folder / 'contact_sheet.png'}")
 
 
+def _checkpoint_option(default: int) -> Any:
+    return click.option(
+        "--checkpoint-every",
+        type=click.IntRange(min=1),
+        default=default,
+        show_default=True,
+        help="Save the whole training state every N steps; rerunning the command resumes.",
+    )
+
+
 def _classifier_options(f: Any) -> Any:
     options = [
         click.option(
@@ -182,6 +192,7 @@ def _classifier_options(f: Any) -> Any:
             show_default=True,
             help="Fit a calibration temperature on validation data.",
         ),
+        _checkpoint_option(100),
     ]
     for option in reversed(options):
         f = option(f)
@@ -310,6 +321,7 @@ def _autoencoder_options(f: Any) -> Any:
             show_default=True,
             help="Write a sample grid every N steps.",
         ),
+        _checkpoint_option(100),
     ]
     for option in reversed(options):
         f = option(f)
@@ -330,6 +342,7 @@ def _autoencoder_config(opts: Options, **kw: Any) -> Any:
         consistency_weight=kw["consistency_weight"],
         ddim_steps=kw["ddim_steps"],
         sample_every=kw["sample_every"],
+        checkpoint_every=kw["checkpoint_every"],
         seed=opts.seed,
     )
 
@@ -414,6 +427,7 @@ def _print_autoencoder(metrics: dict[str, Any], run: Path) -> None:
     show_default=True,
     help="Weight of the penalty on correlated shifts at the same latent.",
 )
+@_checkpoint_option(50)
 @pass_options
 def train_directions_cmd(opts: Options, run: Path, **kw: Any) -> None:
     """Learn K latent directions by contrast (LatentCLR adapted to z_sem).

@@ -22,6 +22,7 @@ from diffex.report.plots import training_curve
 from diffex.rundir import RunDir
 from diffex.train.classifier import augment_batch, load_classifier
 from diffex.train.loop import EpochSampler, LoopConfig, run_loop
+from diffex.train.resume import Resume, file_digest, stage_settings
 
 
 @dataclass
@@ -43,11 +44,13 @@ class AutoencoderTrainConfig:
     consistency_start: int = 500
     consistency_ramp: int = 500
     consistency_tmax: int = 200
+    consistency_fraction: float = 1.0
     augment: bool = True
     sample_every: int = 500
     eval_images: int = 128
     ddim_steps: int = 50
     precision: str = "auto"
+    checkpoint_every: int = 100
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -58,6 +61,10 @@ class AutoencoderTrainConfig:
             raise DiffexError(f"t_skew must be >= 0, got {self.t_skew}")
         if self.consistency_weight < 0:
             raise DiffexError(f"consistency_weight must be >= 0, got {self.consistency_weight}")
+        if not 0 < self.consistency_fraction <= 1:
+            raise DiffexError(
+                f"consistency_fraction must be in (0, 1], got {self.consistency_fraction}"
+            )
         if self.precision not in {"auto", "fp32", "bf16"}:
             raise DiffexError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
 
@@ -132,6 +139,7 @@ def train_autoencoder(
             t_skew=cfg.t_skew,
             consistency_weight=cfg.consistency_at(step),
             consistency_tmax=cfg.consistency_tmax,
+            consistency_fraction=cfg.consistency_fraction,
         )
 
     held_x, held_y = heldout_subset(plan, cfg.eval_images, cfg.seed)
@@ -151,7 +159,23 @@ def train_autoencoder(
         )
 
     result = run_loop(
-        model, loss_fn, batches, loop, device, callbacks=[sample_grid], desc="autoencoder"
+        model,
+        loss_fn,
+        batches,
+        loop,
+        device,
+        callbacks=[sample_grid],
+        desc="autoencoder",
+        resume=Resume(
+            rd.stage("autoencoder") / "checkpoint.safetensors",
+            cfg.checkpoint_every,
+            {
+                "stage": "autoencoder",
+                "config": stage_settings(cfg),
+                "classifier": file_digest(rd.require("classifier") / "model.safetensors"),
+            },
+            {"noise": gen},
+        ),
     )
     ema = result.model
     config = {

@@ -20,6 +20,7 @@ from diffex.models.classifier import ClassifierConfig, ResNetClassifier
 from diffex.report.plots import confusion_and_reliability, training_curve
 from diffex.rundir import RunDir
 from diffex.train.loop import EpochSampler, LoopConfig, run_loop
+from diffex.train.resume import Resume, digest, stage_settings
 
 
 @dataclass
@@ -35,6 +36,7 @@ class ClassifierTrainConfig:
     patience: int = 5
     temperature_scaling: bool = True
     augment: bool = True
+    checkpoint_every: int = 100
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -127,6 +129,12 @@ def train_classifier(
         score_key="val_loss",
         maximize=False,
         desc="classifier",
+        resume=Resume(
+            rd.stage("classifier") / "checkpoint.safetensors",
+            cfg.checkpoint_every,
+            {"stage": "classifier", "config": stage_settings(cfg), "data": digest(asdict(plan))},
+            {"augment": aug_gen},
+        ),
     )
     model = result.model
 

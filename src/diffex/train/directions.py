@@ -33,6 +33,7 @@ from diffex.report.plots import training_curve
 from diffex.rundir import RunDir
 from diffex.train.autoencoder import load_autoencoder
 from diffex.train.loop import EpochSampler, LoopConfig, run_loop
+from diffex.train.resume import Resume, file_digest, stage_settings
 
 
 @dataclass
@@ -51,6 +52,7 @@ class DirectionTrainConfig:
     t_edit: int = 400
     hidden: int = 256
     eval_images: int = 32
+    checkpoint_every: int = 50
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -200,7 +202,26 @@ def train_directions(
         eval_every=max(1, cfg.steps // 4),
         log_every=max(1, cfg.steps // 20),
     )
-    result = run_loop(trainer, loss_fn, batches, loop, device, evaluate=evaluate, desc="directions")
+    resume = Resume(
+        rd.stage("directions") / "checkpoint.safetensors",
+        cfg.checkpoint_every,
+        {
+            "stage": "directions",
+            "config": stage_settings(cfg),
+            "autoencoder": file_digest(rd.require("autoencoder") / "model.safetensors"),
+        },
+        {"noise": gen},
+    )
+    result = run_loop(
+        trainer,
+        loss_fn,
+        batches,
+        loop,
+        device,
+        evaluate=evaluate,
+        desc="directions",
+        resume=resume,
+    )
     trainer = result.model
     out = rd.stage("directions")
     config = {

@@ -17,6 +17,7 @@ from torch import nn
 
 from diffex.errors import DiffexError
 from diffex.log import info, progress_bar
+from diffex.train.resume import Resume, load_state, restore, save_state
 
 
 @dataclass
@@ -126,6 +127,7 @@ def run_loop(
     maximize: bool = True,
     callbacks: list[Callable[[int, nn.Module], None]] | None = None,
     desc: str = "training",
+    resume: Resume | None = None,
 ) -> LoopResult:
     """Train ``module`` for ``cfg.steps`` steps of ``loss_fn(module, batch, step)['loss']``.
 
@@ -133,7 +135,10 @@ def run_loop(
     EMA is on; with ``score_key`` the best evaluated weights are kept and restored at the end,
     and ``cfg.patience`` stops early. ``callbacks(step, model)`` run at the same points
     (every ``cfg.eval_every`` steps and at the end), e.g. to write sample grids.
-    Returns the final (best or EMA) model.
+    With ``resume`` the whole training state is saved every ``resume.every`` steps and at the
+    end, and a matching checkpoint found at start is continued from (batches already used are
+    skipped, RNGs restored), so an interrupted run ends with the same weights as an
+    uninterrupted one. Returns the final (best or EMA) model.
     """
     params = [p for p in module.parameters() if p.requires_grad]
     fused = device.type == "cuda"
@@ -148,10 +153,49 @@ def run_loop(
     running: dict[str, float] = {}
     start = time.perf_counter()
     interactive = sys.stderr.isatty()
+    start_step, done, elapsed = 0, False, 0.0
+    loaded = load_state(resume) if resume is not None else None
+    if loaded is not None and resume is not None:
+        best_state = restore(loaded, resume, module, ema.module if ema else None, opt)
+        st = loaded.state
+        start_step, elapsed = loaded.step, float(st.get("seconds", 0.0))
+        result.history, result.evals = list(st["history"]), list(st["evals"])
+        result.best_step, result.stopped_early = st.get("best_step"), bool(st["stopped_early"])
+        best_score = -math.inf if st.get("best_score") is None else float(st["best_score"])
+        since_best = int(st.get("since_best", 0))
+        if ema is not None:
+            ema.updates = int(st.get("ema_updates", 0))
+        done = result.stopped_early or start_step >= cfg.steps
+        info(f"{desc}: resuming from step {start_step} ({resume.path})")
+        for _ in range(start_step):  # replay the data order up to the checkpoint
+            next(batches)
+
+    def checkpoint(step: int) -> None:
+        if resume is None:
+            return
+        save_state(
+            resume,
+            step=step,
+            module=module,
+            ema=ema.module if ema is not None else None,
+            optimizer=opt,
+            best=best_state,
+            state={
+                "history": result.history,
+                "evals": result.evals,
+                "best_step": result.best_step,
+                "best_score": None if best_score == -math.inf else best_score,
+                "since_best": since_best,
+                "stopped_early": result.stopped_early,
+                "ema_updates": ema.updates if ema is not None else 0,
+                "seconds": elapsed + time.perf_counter() - start,
+            },
+        )
+
     module.train()
     with progress_bar() as bar:
-        task = bar.add_task(desc, total=cfg.steps, status="")
-        for step in range(cfg.steps):
+        task = bar.add_task(desc, total=cfg.steps, status="", completed=start_step)
+        for step in range(start_step, cfg.steps if not done else start_step):
             batch = next(batches)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
@@ -159,9 +203,14 @@ def run_loop(
                 losses = loss_fn(module, batch, step)
             loss = losses["loss"]
             if not torch.isfinite(loss):
+                kept = (
+                    f"; the last good checkpoint is kept in {resume.path}"
+                    if resume is not None and resume.path.is_file()
+                    else ""
+                )
                 raise DiffexError(
-                    f"{desc}: loss became {loss.item()} at step {step + 1}; "
-                    "try a lower learning rate or fp32 precision"
+                    f"{desc}: loss became {loss.item()} at step {step + 1}{kept}; "
+                    "try a lower learning rate, or fp32 instead of bf16"
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -203,11 +252,14 @@ def run_loop(
                         if cfg.patience and since_best >= cfg.patience and not last:
                             result.stopped_early = True
                             info(f"{desc}: early stop at step {step + 1} (best {result.best_step})")
+                            checkpoint(step + 1)
                             break
+            if resume is not None and ((step + 1) % resume.every == 0 or last):
+                checkpoint(step + 1)
     final = ema.module if ema is not None else module
     if best_state is not None:
         final.load_state_dict(best_state)
     final.eval()
     result.model = final
-    result.seconds = time.perf_counter() - start
+    result.seconds = elapsed + time.perf_counter() - start
     return result
