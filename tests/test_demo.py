@@ -68,3 +68,19 @@ def test_rerun_skips_finished_stages(demo_run: Path, capsys: pytest.CaptureFixtu
     for stage in ("classifier", "autoencoder", "directions", "rank", "explain"):
         assert f"{stage} already done" in err
     assert (demo_run / "autoencoder" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_ranking_is_deterministic(demo_run: Path, tmp_path: Path) -> None:
+    """Same seed, same device: ranking.json comes out byte for byte the same."""
+    import shutil
+
+    run = tmp_path / "again"
+    run.mkdir()
+    shutil.copy(demo_run / "data.json", run / "data.json")
+    for stage in ("classifier", "autoencoder", "directions"):
+        shutil.copytree(demo_run / stage, run / stage)
+    cfg = read_json(demo_run / "ranking.json")["config"]
+    args = ["--m", str(cfg["m"]), "--n-images", str(cfg["n_images"])]
+    args += ["--ddim-steps", str(cfg["ddim_steps"]), "--seed", str(cfg["seed"])]
+    assert main(["--device", "cpu", "rank", "--run", str(run), *args]) == 0
+    assert (run / "ranking.json").read_bytes() == (demo_run / "ranking.json").read_bytes()

@@ -18,14 +18,18 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 class Options:
     """Global options shared by every command."""
 
-    def __init__(self, device: str, seed: int) -> None:
+    def __init__(self, device: str, seed: int, max_pixels: int | None = None) -> None:
         self.device_name = device
         self.seed = seed
+        self.max_pixels = max_pixels
 
     def setup(self) -> Any:
         """Threads, seeds and device, set once before a command computes anything."""
+        from diffex.data.images import set_pixel_limit
         from diffex.runtime import configure_threads, resolve_device, seed_everything
 
+        if self.max_pixels is not None:
+            set_pixel_limit(self.max_pixels)
         configure_threads()
         seed_everything(self.seed)
         return resolve_device(self.device_name)
@@ -75,14 +79,21 @@ def pass_options(f: Any) -> Any:
     help="Where to compute; auto picks CUDA when available.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed for everything.")
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=64_000_000,
+    show_default=True,
+    help="Refuse images larger than this (height x width), checked before decoding.",
+)
 @click.pass_context
-def cli(ctx: click.Context, device: str, seed: int) -> None:
+def cli(ctx: click.Context, device: str, seed: int, max_pixels: int) -> None:
     """Explain an image classifier with a diffusion autoencoder: which visible attributes move
     its decision, shown as counterfactual images and measured in plain terms.
 
     Global options go before the command: diffex --device cpu --seed 1 COMMAND ...
     """
-    ctx.obj = Options(device, seed)
+    ctx.obj = Options(device, seed, max_pixels)
 
 
 @cli.command(context_settings=CONTEXT)

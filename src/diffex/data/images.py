@@ -12,6 +12,14 @@ from diffex.errors import DiffexError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 DEFAULT_MAX_PIXELS = 64_000_000
+_limit = {"max_pixels": DEFAULT_MAX_PIXELS}
+
+
+def set_pixel_limit(max_pixels: int) -> None:
+    """Largest image (height x width) any reader accepts from now on (``--max-pixels``)."""
+    if max_pixels < 1:
+        raise DiffexError(f"--max-pixels must be >= 1, got {max_pixels}")
+    _limit["max_pixels"] = int(max_pixels)
 
 
 def is_image_file(path: Path) -> bool:
@@ -19,13 +27,15 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """Read an image as (C, H, W) in its stored dtype (uint8, uint16 or float).
 
     Raises a one-line ``DiffexError`` naming the file when it is missing, corrupt,
-    truncated, empty, or larger than ``max_pixels``.
+    truncated, empty, or larger than ``max_pixels`` (default: the limit set by
+    ``set_pixel_limit``); the size is checked from the header, before decoding.
     """
     path = Path(path)
+    max_pixels = _limit["max_pixels"] if max_pixels is None else max_pixels
     if not path.is_file():
         raise DiffexError(f"image not found: {path}")
     suffix = path.suffix.lower()

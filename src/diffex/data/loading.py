@@ -10,8 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffex.config import build
 from diffex.data.display import DEFAULT_COLORS
-from diffex.data.images import DEFAULT_MAX_PIXELS, dtype_max, read_image
+from diffex.data.images import dtype_max, read_image
 from diffex.data.sources import Record, Source, open_source
 from diffex.data.splits import SPLITS, make_splits
 from diffex.errors import DiffexError
@@ -101,12 +102,7 @@ class DataPlan:
 
     @classmethod
     def load(cls, path: Path) -> DataPlan:
-        d = read_json(path)
-        try:
-            d["normalization"] = Normalization(**d["normalization"])
-            return cls(**d)
-        except (KeyError, TypeError) as exc:
-            raise DiffexError(f"{path} is not a DiffEx data plan: {exc}") from None
+        return build(cls, read_json(path), str(path))
 
 
 @dataclass
@@ -119,7 +115,7 @@ class SplitData:
 
 
 def load_unit_images(
-    paths: list[Path], size: int, max_pixels: int = DEFAULT_MAX_PIXELS, desc: str = "loading images"
+    paths: list[Path], size: int, max_pixels: int | None = None, desc: str = "loading images"
 ) -> np.ndarray:
     """Read, centre-crop to square and resize images to (N, C, size, size) float32 in [0, 1]."""
     out: np.ndarray | None = None

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffex.config import build
 from diffex.diffusion import (
     Progress,
     Schedule,
@@ -114,17 +115,8 @@ class AutoencoderConfig:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AutoencoderConfig:
-        data = dict(data)
-        if isinstance(data.get("unet"), dict):
-            data["unet"] = UNetConfig.from_dict(data["unet"])
-        if isinstance(data.get("encoder"), dict):
-            data["encoder"] = EncoderConfig.from_dict(data["encoder"])
-        known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
-        if unknown:
-            raise DiffexError(f"unknown autoencoder config keys: {', '.join(sorted(unknown))}")
-        return cls(**data)
+    def from_dict(cls, data: dict[str, Any], where: str = "autoencoder") -> AutoencoderConfig:
+        return build(cls, data, where)
 
 
 def _preset(table: dict[str, Any], name: str, what: str) -> Any:

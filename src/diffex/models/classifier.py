@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffex.config import build, check_positive
 from diffex.errors import DiffexError
 
 CLASSIFIER_PRESETS: dict[str, dict[str, Any]] = {
@@ -38,6 +39,9 @@ class ClassifierConfig:
             raise DiffexError("classifier widths and blocks must be non-empty and of equal length")
         if len(self.class_names) < 2:
             raise DiffexError("a classifier needs at least two class names")
+        check_positive(self, "in_channels", "image_size", "widths", "blocks")
+        if not 0 <= self.dropout < 1:
+            raise DiffexError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @classmethod
     def from_preset(
@@ -58,12 +62,8 @@ class ClassifierConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ClassifierConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise DiffexError(f"unknown classifier config key {unknown[0]!r}")
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], where: str = "classifier") -> ClassifierConfig:
+        return build(cls, d, where)
 
 
 class BasicBlock(nn.Module):

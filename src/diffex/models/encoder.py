@@ -8,6 +8,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffex.config import build, check_positive
 from diffex.errors import DiffexError
 from diffex.models.unet import (
     AttentionBlock,
@@ -15,9 +16,8 @@ from diffex.models.unet import (
     Downsample,
     ResBlock,
     attention_heads,
-    config_kwargs,
     group_norm,
-    validate_levels,
+    validate_network,
 )
 
 
@@ -38,14 +38,15 @@ class EncoderConfig:
     groups: int = 32
 
     def __post_init__(self) -> None:
-        validate_levels(self.image_size, self.channel_mult, "encoder")
+        validate_network(self, "encoder")
+        check_positive(self, "out_dim")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EncoderConfig:
-        return cls(**config_kwargs(cls, data))
+    def from_dict(cls, data: dict[str, Any], where: str = "encoder") -> EncoderConfig:
+        return build(cls, data, where)
 
 
 ENCODER_PRESETS: dict[str, EncoderConfig] = {

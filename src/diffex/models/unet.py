@@ -11,13 +11,14 @@ exactly zero noise.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffex.config import build, check_positive
 from diffex.errors import DiffexError
 
 
@@ -34,13 +35,23 @@ def validate_levels(image_size: int, channel_mult: tuple[int, ...], what: str) -
         )
 
 
-def config_kwargs(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    """Keep known fields and turn JSON lists back into tuples."""
-    names = {f.name for f in fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise DiffexError(f"unknown {cls.__name__} keys: {', '.join(sorted(unknown))}")
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+def validate_network(cfg: Any, what: str) -> None:
+    """Sizes and widths >= 1, dropout in [0, 1), and an image size the levels can halve."""
+    check_positive(
+        cfg,
+        "in_channels",
+        "image_size",
+        "base_channels",
+        "channel_mult",
+        "head_dim",
+        "groups",
+        "num_heads",
+    )
+    if cfg.num_res_blocks < 1:
+        raise DiffexError(f"num_res_blocks must be >= 1, got {cfg.num_res_blocks}")
+    if not 0 <= cfg.dropout < 1:
+        raise DiffexError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    validate_levels(cfg.image_size, cfg.channel_mult, what)
 
 
 @dataclass(frozen=True)
@@ -66,14 +77,15 @@ class UNetConfig:
     mid_attention: bool = True
 
     def __post_init__(self) -> None:
-        validate_levels(self.image_size, self.channel_mult, "UNet")
+        validate_network(self, "UNet")
+        check_positive(self, "z_dim", "emb_dim")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> UNetConfig:
-        return cls(**config_kwargs(cls, data))
+    def from_dict(cls, data: dict[str, Any], where: str = "unet") -> UNetConfig:
+        return build(cls, data, where)
 
 
 UNET_PRESETS: dict[str, UNetConfig] = {

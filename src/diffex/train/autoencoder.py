@@ -262,6 +262,7 @@ def load_autoencoder(
     if "model" not in cfg:
         raise DiffexError(f"{folder / 'config.json'} does not describe a DiffEx autoencoder")
     classifier = classifier if classifier is not None else load_classifier(run, device)
-    model = DiffusionAutoencoder(AutoencoderConfig.from_dict(cfg["model"]), classifier)
+    mcfg = AutoencoderConfig.from_dict(cfg["model"], f"{folder}/config.json model")
+    model = DiffusionAutoencoder(mcfg, classifier)
     load_state(model, folder / "model.safetensors")
     return model.to(device).eval()

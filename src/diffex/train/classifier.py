@@ -214,6 +214,8 @@ def load_classifier(run: str | Path, device: torch.device | str = "cpu") -> ResN
     cfg = load_config(folder)
     if cfg.get("kind") != "resnet" or "model" not in cfg:
         raise DiffexError(f"{folder / 'config.json'} does not describe a DiffEx ResNet classifier")
-    model = ResNetClassifier(ClassifierConfig.from_dict(cfg["model"]))
+    model = ResNetClassifier(
+        ClassifierConfig.from_dict(cfg["model"], f"{folder}/config.json model")
+    )
     load_state(model, folder / "model.safetensors")
     return model.to(device).eval().requires_grad_(False)

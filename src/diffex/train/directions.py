@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diffex.config import build
 from diffex.data.loading import load_split
 from diffex.diffusion import predict_x0, q_sample
 from diffex.errors import DiffexError
@@ -254,7 +255,7 @@ def load_editor(run: str | Path, device: torch.device | str = "cpu") -> LatentEd
     folder = RunDir(run).require("directions")
     cfg = load_config(folder)
     try:
-        dcfg = DirectionModelConfig(**cfg["model"])
+        dcfg = build(DirectionModelConfig, cfg["model"], f"{folder}/config.json model")
         objective = cfg["train"]["objective"]
         n_classes = int(cfg["n_classes"])
     except (KeyError, TypeError) as exc:
