@@ -50,3 +50,13 @@ def make_blob_folder(
 @pytest.fixture
 def blob_folder(tmp_path: Path) -> Path:
     return make_blob_folder(tmp_path / "blobs")
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The quick demo, run once per test session (shared by the demo and report tests)."""
+    from diffex.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["--device", "cpu", "demo", "--preset", "quick", "--out", str(out)]) == 0
+    return out

@@ -20,13 +20,6 @@ FIGURES = (
 )
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "run"
-    assert main(["--device", "cpu", "demo", "--preset", "quick", "--out", str(out)]) == 0
-    return out
-
-
 def test_quick_demo_writes_every_stage(demo_run: Path) -> None:
     out = demo_run
     for rel in (
@@ -44,6 +37,7 @@ def test_quick_demo_writes_every_stage(demo_run: Path) -> None:
         "ranking.json",
         "explanations/summary.json",
         "demo_summary.json",
+        "report.html",
     ):
         assert (out / rel).is_file(), rel
     ranking = read_json(out / "ranking.json")

@@ -572,6 +572,31 @@ def explain_cmd(opts: Options, run: Path, **kw: Any) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.option(
+    "--run",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Run folder; sections whose stage has not run are left out.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where to write the HTML [default: RUN/report.html].",
+)
+def report(run: Path, out: Path | None) -> None:
+    """Write one self-contained HTML report of a run (images embedded; opens offline).
+
+    Run summary, classifier metrics and calibration, reconstruction fidelity, the ranked
+    directions with a slider over alpha per direction, curves, difference maps, per-channel
+    panels and morphology tables, and the evaluation when there is one.
+    """
+    from diffex.report.html import build_report
+
+    click.echo(f"report: {build_report(run, out)}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option(
     "--out",
     type=click.Path(path_type=Path),
     default=Path("runs/demo"),
@@ -589,8 +614,9 @@ def explain_cmd(opts: Options, run: Path, **kw: Any) -> None:
 def demo(opts: Options, out: Path, preset: str) -> None:
     """Run the whole pipeline on the built-in synthetic cells and print where the results are.
 
-    synth -> classifier -> autoencoder -> directions -> rank -> explain, into OUT. Rerunning
-    skips stages whose outputs exist for the same configuration.
+    synth -> classifier -> autoencoder -> directions -> rank -> explain -> report, into OUT.
+    Rerunning skips stages whose outputs exist for the same configuration, and a stage that was
+    interrupted resumes from its last checkpoint.
     """
     from diffex.pipeline import demo_preset, run_demo
 
@@ -626,6 +652,8 @@ def _print_demo(summary: dict[str, Any]) -> None:
     if timings:
         click.echo(f"time: {timings}")
     click.echo(f"results: {summary['out']}")
+    if summary.get("report"):
+        click.echo(f"report: {summary['report']}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from diffex.explain.explain import ExplainConfig, explain_run
 from diffex.explain.rank import RankConfig, rank_directions
 from diffex.io.atomic import read_json, write_json
 from diffex.log import info
+from diffex.report.html import build_report
 from diffex.train.autoencoder import AutoencoderTrainConfig, train_autoencoder
 from diffex.train.classifier import ClassifierTrainConfig, train_classifier
 from diffex.train.directions import DirectionTrainConfig, train_directions
@@ -131,6 +132,7 @@ def run_demo(out: Path, cfg: DemoConfig, device: torch.device, seed: int = 0) ->
         )
     summary = {"out": str(out.resolve()), "timings": timings, **results}
     write_json(out / "demo_summary.json", summary)
+    summary["report"] = str(build_report(out).resolve())
     return summary
 
 

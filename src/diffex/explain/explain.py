@@ -22,6 +22,7 @@ from diffex.explain.figures import (
     morphology_readout,
     morphology_table_png,
     probability_curve,
+    sweep_frames,
     sweep_gif,
 )
 from diffex.explain.rank import prober, source_images
@@ -164,6 +165,7 @@ def explain_run(run: str | Path, cfg: ExplainConfig, device: torch.device) -> di
             folder / "sweep.gif",
             target_name=target_name,
         )
+        frame_info = sweep_frames(strip, alphas, p_np[:, : cfg.n_strip], plan, folder / "frames")
         probability_curve(alphas, p_np, folder / "probability.png", target_name, title=title)
         difference_map(frames, alphas, plan, folder / "difference.png", title=title)
         channel_panels(frames, alphas, plan, folder / "channels.png", title=title)
@@ -172,6 +174,7 @@ def explain_run(run: str | Path, cfg: ExplainConfig, device: torch.device) -> di
             "label": label,
             "folder": str(folder.relative_to(rd.root)),
             "mean_p_target": p_np.mean(axis=1).tolist(),
+            "frames": {**frame_info, "folder": "frames"},
         }
         if cfg.measure and class_stats is not None:
             unit = plan.normalization.to_unit(frames)

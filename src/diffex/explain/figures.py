@@ -145,6 +145,47 @@ def alpha_strip(
     return save_figure(fig, path)
 
 
+def _cell_row(
+    cells: np.ndarray, colors: list[str] | None, tile: tuple[int, int], gap: int, head: int
+) -> Image.Image:
+    """Cells (N, C, H, W) in [0, 1] side by side on a dark canvas, ``head`` pixels left on top."""
+    tw, th = tile
+    n = len(cells)
+    canvas = Image.new("RGB", (n * (tw + gap) + gap, th + head + gap), (15, 15, 15))
+    for i in range(n):
+        rgb = Image.fromarray(composite(cells[i], colors)).resize((tw, th), Image.NEAREST)
+        canvas.paste(rgb, (gap + i * (tw + gap), head))
+    return canvas
+
+
+def sweep_frames(
+    frames: Any,
+    alphas: Any,
+    probs: Any,
+    plan: DataPlan,
+    folder: str | Path,
+    max_cells: int = 6,
+    tile: int = 128,
+    stretch: bool = False,
+) -> dict[str, Any]:
+    """One PNG per alpha (``folder/frame_XX.png``: up to ``max_cells`` cells side by side) for the
+    report's slider; returns ``{"files", "alphas", "p"}`` with p(target) per (alpha, cell)."""
+    f, a, p = _check_sweep(frames, alphas, probs)
+    n = min(f.shape[1], max(1, int(max_cells)))
+    unit = display_unit(f[:, :n], plan, stretch)
+    colors = _colors(plan, f.shape[2])
+    h, w = f.shape[-2:]
+    scale = max(1, int(round(tile / max(h, w))))
+    folder = Path(folder)
+    files = []
+    for j in range(len(a)):
+        canvas = _cell_row(unit[j], colors, (w * scale, h * scale), 4, 4)
+        path = folder / f"frame_{j:02d}.png"
+        write_atomic(path, lambda tmp, c=canvas: c.save(tmp, format="PNG"))
+        files.append(path.name)
+    return {"files": files, "alphas": a.tolist(), "p": p[:, :n].tolist()}
+
+
 def sweep_gif(
     frames: Any,
     alphas: Any,
@@ -175,10 +216,7 @@ def sweep_gif(
     font = _font(14)
     images = []
     for j in range(len(a)):
-        canvas = Image.new("RGB", (n * (tw + gap) + gap, th + head + gap), (15, 15, 15))
-        for i in range(n):
-            rgb = Image.fromarray(composite(unit[j, i], colors)).resize((tw, th), Image.NEAREST)
-            canvas.paste(rgb, (gap + i * (tw + gap), head))
+        canvas = _cell_row(unit[j], colors, (tw, th), gap, head)
         draw = ImageDraw.Draw(canvas)
         label = "alpha = 0" if a[j] == 0 else f"alpha = {a[j]:+g}"  # the bitmap font has no α
         text = f"{label}   mean p({target_name}) = {p[j, :n].mean():.2f}"

@@ -1,0 +1,149 @@
+"""The HTML report: self-contained, sections left out when missing, user text escaped, and in a
+real headless browser (Debian's chromium, never a downloaded one): loads without console errors,
+the slider steps through frames and probabilities, and a hostile class name stays text."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import make_blob_folder
+
+from diffex.cli import main
+from diffex.report.html import build_report
+
+ARTIFACTS = Path(
+    os.environ.get("DIFFEX_TEST_ARTIFACTS", Path(__file__).parents[1] / "test-artifacts")
+)
+HOSTILE = "<script>alert(1)</script>"
+
+
+def chromium_path() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run whose class is literally named <script>alert(1)</script>."""
+    root = tmp_path_factory.mktemp("hostile")
+    data = make_blob_folder(root / "d", n_per_class=8, classes=("ctrl", "treat"))
+    lines = ["path,label"]
+    for cls, label in (("ctrl", "control & co"), ("treat", HOSTILE)):
+        lines += [f'{p.relative_to(data)},"{label}"' for p in sorted((data / cls).glob("*.png"))]
+    (data / "manifest.csv").write_text("\n".join(lines) + "\n")
+    run = root / "run"
+    args = ["--device", "cpu", "train-classifier", "--data", str(data / "manifest.csv")]
+    args += ["--run", str(run), "--epochs", "1", "--preset", "tiny", "--image-size", "32"]
+    assert main(args) == 0
+    build_report(run)
+    return run
+
+
+def test_report_is_self_contained(demo_run: Path) -> None:
+    html = (demo_run / "report.html").read_text(encoding="utf-8")
+    for section in ("summary", "classifier", "autoencoder", "directions"):
+        assert f'<section id="{section}">' in html
+    assert 'id="evaluation"' not in html  # no evaluation.json in this run: left out
+    sources = re.findall(r'src="([^"]*)"', html)
+    assert sources and all(s.startswith("data:image/") for s in sources)
+    assert "http://" not in html and "https://" not in html
+    assert html.count('class="sweep"') >= 1
+
+
+def test_missing_sections_are_left_out(hostile_run: Path) -> None:
+    html = (hostile_run / "report.html").read_text(encoding="utf-8")
+    assert '<section id="classifier">' in html
+    assert 'id="autoencoder"' not in html and 'id="directions"' not in html
+
+
+def test_user_text_is_escaped(hostile_run: Path) -> None:
+    html = (hostile_run / "report.html").read_text(encoding="utf-8")
+    assert HOSTILE not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "control &amp; co" in html
+
+
+def test_report_without_results_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    assert main(["report", "--run", str(tmp_path / "empty")]) == 2
+    assert "no DiffEx results" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def browser():
+    exe = chromium_path()
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (make test installs Debian's chromium)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def open_page(browser, path: Path):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    problems: list[str] = []
+    dialogs: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.goto(path.resolve().as_uri())
+    page.wait_for_load_state("load")
+    return page, problems, dialogs
+
+
+def test_browser_loads_without_errors_and_slider_works(browser, demo_run: Path) -> None:
+    page, problems, _ = open_page(browser, demo_run / "report.html")
+    broken = page.evaluate(
+        "Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).length"
+    )
+    assert broken == 0
+    box = page.locator(".sweep").first
+    slider, img, readout = (
+        box.locator("input[type=range]"),
+        box.locator("img.frame"),
+        box.locator(".readout"),
+    )
+    start_src, start_text = img.get_attribute("src"), readout.inner_text()
+    assert "alpha = +0.00" in start_text or "alpha = 0.00" in start_text
+    slider.focus()
+    page.keyboard.press("End")  # the browser moves the slider and fires 'input'
+    end_src, end_text = img.get_attribute("src"), readout.inner_text()
+    assert end_src != start_src
+    assert end_text != start_text and "alpha = +" in end_text
+    data = json.loads(box.locator(".sweep-data").text_content())
+    last = len(data["frames"]) - 1
+    assert end_src == data["frames"][last] and start_src == data["frames"][last // 2]
+    shown = [float(v) for v in re.findall(r"\d\.\d\d", end_text.split("per cell:")[1])]
+    want = data["p"][last]  # that frame's probabilities, two decimals
+    assert len(shown) == len(want) > 0 and all(
+        abs(a - b) < 0.006 for a, b in zip(shown, want, strict=True)
+    )
+    assert f"alpha = +{data['alphas'][last]:.2f}" in end_text
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "report_quick_demo.png"
+    page.screenshot(path=str(shot), full_page=False)
+    assert shot.stat().st_size > 10_000
+    assert problems == [], problems
+    page.close()
+
+
+def test_browser_hostile_class_name_runs_nothing(browser, hostile_run: Path) -> None:
+    page, problems, dialogs = open_page(browser, hostile_run / "report.html")
+    assert dialogs == []
+    assert HOSTILE in page.inner_text("body")
+    assert page.evaluate("document.querySelectorAll('script').length") == 1  # only the report's own
+    assert problems == [], problems
+    page.close()
