@@ -118,7 +118,7 @@ def run_demo(out: Path, cfg: DemoConfig, device: torch.device, seed: int = 0) ->
             load_spec(None), data, n=cfg.n, seed=seed, size=cfg.size, fmt="png", overwrite=True
         )
         timings["synth"] = time.perf_counter() - t0
-        write_json(_stage_marker(out, "synth"), {"config": synth_cfg})
+        write_json(_stage_marker(out, "synth"), {"config": synth_cfg, "seconds": timings["synth"]})
     upstream = dict(synth_cfg)
     steps = {
         "classifier": (cfg.classifier, lambda: train_classifier(data, out, cfg.classifier, device)),
