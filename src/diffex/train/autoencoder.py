@@ -22,7 +22,7 @@ from diffex.report.plots import training_curve
 from diffex.rundir import RunDir
 from diffex.train.classifier import augment_batch, load_classifier
 from diffex.train.loop import EpochSampler, LoopConfig, run_loop
-from diffex.train.resume import Resume, file_digest, stage_settings
+from diffex.train.resume import stage_resume, weights_digest
 
 
 @dataclass
@@ -166,15 +166,8 @@ def train_autoencoder(
         device,
         callbacks=[sample_grid],
         desc="autoencoder",
-        resume=Resume(
-            rd.stage("autoencoder") / "checkpoint.safetensors",
-            cfg.checkpoint_every,
-            {
-                "stage": "autoencoder",
-                "config": stage_settings(cfg),
-                "classifier": file_digest(rd.require("classifier") / "model.safetensors"),
-            },
-            {"noise": gen},
+        resume=stage_resume(
+            rd, "autoencoder", cfg, {"noise": gen}, classifier=weights_digest(rd, "classifier")
         ),
     )
     ema = result.model

@@ -20,7 +20,7 @@ from diffex.models.classifier import ClassifierConfig, ResNetClassifier
 from diffex.report.plots import confusion_and_reliability, training_curve
 from diffex.rundir import RunDir
 from diffex.train.loop import EpochSampler, LoopConfig, run_loop
-from diffex.train.resume import Resume, digest, stage_settings
+from diffex.train.resume import digest, stage_resume
 
 
 @dataclass
@@ -129,12 +129,7 @@ def train_classifier(
         score_key="val_loss",
         maximize=False,
         desc="classifier",
-        resume=Resume(
-            rd.stage("classifier") / "checkpoint.safetensors",
-            cfg.checkpoint_every,
-            {"stage": "classifier", "config": stage_settings(cfg), "data": digest(asdict(plan))},
-            {"augment": aug_gen},
-        ),
+        resume=stage_resume(rd, "classifier", cfg, {"augment": aug_gen}, data=digest(asdict(plan))),
     )
     model = result.model
 

@@ -34,7 +34,7 @@ from diffex.report.plots import training_curve
 from diffex.rundir import RunDir
 from diffex.train.autoencoder import load_autoencoder
 from diffex.train.loop import EpochSampler, LoopConfig, run_loop
-from diffex.train.resume import Resume, file_digest, stage_settings
+from diffex.train.resume import stage_resume, weights_digest
 
 
 @dataclass
@@ -203,15 +203,8 @@ def train_directions(
         eval_every=max(1, cfg.steps // 4),
         log_every=max(1, cfg.steps // 20),
     )
-    resume = Resume(
-        rd.stage("directions") / "checkpoint.safetensors",
-        cfg.checkpoint_every,
-        {
-            "stage": "directions",
-            "config": stage_settings(cfg),
-            "autoencoder": file_digest(rd.require("autoencoder") / "model.safetensors"),
-        },
-        {"noise": gen},
+    resume = stage_resume(
+        rd, "directions", cfg, {"noise": gen}, autoencoder=weights_digest(rd, "autoencoder")
     )
     result = run_loop(
         trainer,

@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,6 +22,9 @@ from torch import nn
 
 from diffex.errors import DiffexError
 from diffex.io.atomic import write_atomic, write_json
+
+if TYPE_CHECKING:
+    from diffex.rundir import RunDir
 
 FORMAT = "diffex-train-state-1"
 
@@ -193,3 +196,18 @@ def file_digest(path: str | Path) -> str:
 def stage_settings(cfg: Any) -> dict[str, Any]:
     """A stage config as a dict, without the settings that do not change the result."""
     return {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every",)}
+
+
+def stage_resume(
+    run: RunDir, stage: str, cfg: Any, generators: dict[str, torch.Generator], **upstream: str
+) -> Resume:
+    """The checkpoint of a stage: ``RUN/<stage>/checkpoint.safetensors``, fingerprinted by the
+    stage's settings plus ``upstream`` digests (data plan, weights it builds on)."""
+    fingerprint = {"stage": stage, "config": stage_settings(cfg), **upstream}
+    path = run.stage(stage) / "checkpoint.safetensors"
+    return Resume(path, cfg.checkpoint_every, fingerprint, generators)
+
+
+def weights_digest(run: RunDir, stage: str) -> str:
+    """Digest of a finished upstream stage's weights."""
+    return file_digest(run.require(stage) / "model.safetensors")
