@@ -128,3 +128,11 @@ def test_package_never_unpickles() -> None:
                 offenders.append(f"{path.name}:{call.lineno} allow_pickle")
     assert not offenders, offenders
     assert list(SRC.rglob("*.py")), "package sources not found"
+
+
+def test_damaged_training_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    ckpt = tmp_path / "checkpoint.safetensors"
+    ckpt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(DiffexError) as exc:
+        load_state(Resume(ckpt, every=1, fingerprint={}))
+    assert str(ckpt) in str(exc.value) and "delete it" in str(exc.value)
