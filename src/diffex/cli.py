@@ -570,6 +570,59 @@ def explain_cmd(opts: Options, run: Path, **kw: Any) -> None:
     click.echo(f"explanations: {run / 'explanations'}")
 
 
+@cli.command("evaluate", context_settings=CONTEXT)
+@click.option(
+    "--run",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Run folder with ranking.json (and explanations/); writes RUN/evaluation.json.",
+)
+@click.option(
+    "--n-images", type=int, default=64, show_default=True, help="Held-out source images to edit."
+)
+@click.option("--ddim-steps", type=int, default=20, show_default=True, help="DDIM steps.")
+@click.option(
+    "--cout-steps", type=int, default=50, show_default=True, help="Insertion steps of COUT."
+)
+@click.option(
+    "--n-real",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Real held-out target-class images that realism compares with.",
+)
+@click.option(
+    "--imagenet/--no-imagenet",
+    default=True,
+    show_default=True,
+    help="Realism in EfficientNet-Lite0 (ImageNet) features too, beside the classifier's.",
+)
+@click.option(
+    "--imagenet-size",
+    type=int,
+    default=224,
+    show_default=True,
+    help="Side the composite images are resized to (bilinear) for EfficientNet-Lite0.",
+)
+@pass_options
+def evaluate_cmd(opts: Options, run: Path, **kw: Any) -> None:
+    """Measure whether the explanation is true, faithful, realistic and disentangled.
+
+    Autoencoder fidelity; per direction delta-p, flip rate, proximity, COUT, artifacts and
+    realism (FID / KID against real target images in two offline feature spaces); sufficiency
+    of the top-1..M directions together; |cos| between directions and measurements along
+    alpha; ground-truth recovery and leakage when the data came with a spec. The class-mean
+    reference is scored beside the directions. Writes RUN/evaluation.json and RUN/evaluation/.
+    """
+    from diffex.evaluate.run import EvaluateConfig, evaluate_run
+    from diffex.evaluate.table import print_evaluation
+
+    device = opts.setup()
+    result = evaluate_run(run, EvaluateConfig(**kw, seed=opts.seed), device)
+    print_evaluation(result)
+    click.echo(f"evaluation: {run / 'evaluation.json'}")
+
+
 @cli.command(context_settings=CONTEXT)
 @click.option(
     "--run",
@@ -614,7 +667,8 @@ def report(run: Path, out: Path | None) -> None:
 def demo(opts: Options, out: Path, preset: str) -> None:
     """Run the whole pipeline on the built-in synthetic cells and print where the results are.
 
-    synth -> classifier -> autoencoder -> directions -> rank -> explain -> report, into OUT.
+    synth -> classifier -> autoencoder -> directions -> rank -> explain -> evaluate -> report,
+    into OUT.
     Rerunning skips stages whose outputs exist for the same configuration, and a stage that was
     interrupted resumes from its last checkpoint.
     """

@@ -13,6 +13,7 @@ import torch
 from diffex.data.spec import load_spec
 from diffex.data.synth import generate
 from diffex.errors import DiffexError
+from diffex.evaluate.run import EvaluateConfig, evaluate_run
 from diffex.explain.explain import ExplainConfig, explain_run
 from diffex.explain.rank import RankConfig, rank_directions
 from diffex.io.atomic import read_json, write_json
@@ -34,8 +35,16 @@ class DemoConfig:
     directions: DirectionTrainConfig
     rank: RankConfig
     explain: ExplainConfig
+    evaluate: EvaluateConfig
     stages: list[str] = field(
-        default_factory=lambda: ["classifier", "autoencoder", "directions", "rank", "explain"]
+        default_factory=lambda: [
+            "classifier",
+            "autoencoder",
+            "directions",
+            "rank",
+            "explain",
+            "evaluate",
+        ]
     )
 
 
@@ -67,6 +76,9 @@ def demo_preset(name: str, seed: int = 0) -> DemoConfig:
             ),
             rank=RankConfig(m=2, n_images=12, ddim_steps=8, seed=seed),
             explain=ExplainConfig(n_cells=4, n_strip=3, n_alphas=5, ddim_steps=8, seed=seed),
+            evaluate=EvaluateConfig(
+                n_images=8, ddim_steps=8, cout_steps=10, n_real=16, imagenet_size=64, seed=seed
+            ),
         )
     if name == "default":
         return DemoConfig(
@@ -90,6 +102,7 @@ def demo_preset(name: str, seed: int = 0) -> DemoConfig:
             directions=DirectionTrainConfig(alpha=2.0, steps=150, seed=seed),
             rank=RankConfig(seed=seed),
             explain=ExplainConfig(seed=seed),
+            evaluate=EvaluateConfig(seed=seed),
         )
     raise DiffexError(f"unknown demo preset {name!r}; choose quick or default")
 
@@ -126,6 +139,7 @@ def run_demo(out: Path, cfg: DemoConfig, device: torch.device, seed: int = 0) ->
         "directions": (cfg.directions, lambda: train_directions(out, cfg.directions, device)),
         "rank": (cfg.rank, lambda: rank_directions(out, cfg.rank, device)),
         "explain": (cfg.explain, lambda: explain_run(out, cfg.explain, device)),
+        "evaluate": (cfg.evaluate, lambda: evaluate_run(out, cfg.evaluate, device)),
     }
     for stage in cfg.stages:
         stage_cfg, fn = steps[stage]
@@ -200,4 +214,6 @@ def _brief(stage: str, result: dict[str, Any]) -> dict[str, Any]:
                 }
             )
         return {"items": items}
+    if stage == "evaluate":
+        return dict(result.get("headline", {}))
     return {}

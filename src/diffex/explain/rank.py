@@ -67,13 +67,21 @@ def resolve_target(plan: DataPlan, target: str | None) -> int:
 
 def source_images(plan: DataPlan, target: int, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     """Up to ``n`` held-out images of the other classes (test split, else validation)."""
+    x, _, paths = source_split(plan, target, n, seed)
+    return x, paths
+
+
+def source_split(
+    plan: DataPlan, target: int, n: int, seed: int
+) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """:func:`source_images` with the images' class indices: (x, y, paths)."""
     split = "test" if plan.splits.get("test") else "val"
     data = load_split(plan, split)
     idx = np.flatnonzero(data.y.numpy() != target)
     if len(idx) == 0:
         raise DiffexError(f"the {split} split has no images outside the target class")
     idx = np.sort(np.random.default_rng(seed).permutation(idx)[:n])
-    return data.x[idx], [data.paths[i] for i in idx]
+    return data.x[idx], data.y.numpy()[idx], [data.paths[i] for i in idx]
 
 
 def decoder(ae: DiffusionAutoencoder, steps: int, batch_size: int):

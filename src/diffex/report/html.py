@@ -250,8 +250,56 @@ def _evaluation_section(root: Path) -> dict[str, Any] | None:
     if not ev:
         return None
     figures = sorted((root / "evaluation").glob("*.png")) if (root / "evaluation").is_dir() else []
+    head = ev.get("headline") if isinstance(ev.get("headline"), dict) else {}
     flat = [(k, _fmt(v)) for k, v in ev.items() if isinstance(v, int | float | str)]
-    return {"numbers": flat, "figures": [(p.stem, data_uri(p)) for p in figures]}
+    flat += [(k.replace("_", " "), _fmt(v)) for k, v in head.items()]
+    sets = (ev.get("realism") or {}).get("sets") or {}
+
+    def dist(name: str, space: str) -> str:
+        d = (sets.get(name) or {}).get(space) or {}
+        kid = d.get("kid") or {}
+        return f"{_fmt(d.get('fid'), 2)} / {_fmt(kid.get('mean'), 3)}" if d else "-"
+
+    rows = []
+    for d in ev.get("directions") or []:
+        if not isinstance(d, dict):
+            continue
+        art = d.get("artifacts_sd") or {}
+        rows.append(
+            {
+                "name": str(d.get("name", "")),
+                "delta_p": _fmt(d.get("mean_delta_p")),
+                "flip": _fmt(d.get("flip_rate"), 2),
+                "l1": _fmt((d.get("proximity") or {}).get("l1"), 4),
+                "cout": _fmt(d.get("cout"), 2),
+                "clf": dist(str(d.get("name")), "classifier"),
+                "imagenet": dist(str(d.get("name")), "imagenet"),
+                "hf": _fmt(art.get("high_frequency"), 1),
+                "bg": _fmt(art.get("background"), 1),
+            }
+        )
+    for name in ("real_source", "reconstruction"):
+        if name in sets:
+            rows.append(
+                {
+                    "name": f"({name.replace('_', ' ')})",
+                    **dict.fromkeys(("delta_p", "flip", "l1", "cout", "hf", "bg"), ""),
+                    "clf": dist(name, "classifier"),
+                    "imagenet": dist(name, "imagenet"),
+                }
+            )
+    gt = ev.get("ground_truth") if isinstance(ev.get("ground_truth"), dict) else None
+    factors = [
+        (f, "+" if v.get("expected_sign", 0) > 0 else "-", ", ".join(v.get("by") or []) or "no")
+        for f, v in ((gt or {}).get("factors") or {}).items()
+        if isinstance(v, dict)
+    ]
+    return {
+        "numbers": flat,
+        "rows": rows,
+        "factors": factors,
+        "figures": [(p.stem, data_uri(p)) for p in figures],
+    }
 
 
 def _timings(root: Path) -> list[tuple[str, str]]:

@@ -1,0 +1,94 @@
+"""Terminal summary of an evaluation (rich tables)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _f(x: Any, fmt: str = ".3f") -> str:
+    if x is None or (isinstance(x, float) and x != x):
+        return "-"
+    return format(x, fmt) if isinstance(x, int | float) else str(x)
+
+
+def evaluation_tables(result: dict[str, Any]) -> list[Table]:
+    """Headline numbers, and one row per scored direction (the reference last)."""
+    fid = result["fidelity"]
+    head = Table(title=f"evaluation towards {result['target_class']} (alpha {result['alpha']:g})")
+    head.add_column("measure")
+    head.add_column("value", justify="right")
+    h = result["headline"]
+    head.add_row("classifier accuracy (test)", _f(h.get("accuracy")))
+    head.add_row("round trip PSNR / SSIM", f"{_f(fid['psnr'], '.1f')} dB / {_f(fid['ssim'])}")
+    head.add_row("classifier agreement / KL", f"{_f(fid['agreement'])} / {_f(fid['kl'], '.4f')}")
+    suff = result["sufficiency"]
+    if suff:
+        head.add_row(
+            "sufficiency (flip rate, top-1..M)", "  ".join(_f(r["flip_rate"], ".2f") for r in suff)
+        )
+    gt = result.get("ground_truth")
+    if gt:
+        found = [f for f, v in gt["factors"].items() if v["recovered"]]
+        head.add_row(
+            "ground truth recovery", f"{_f(gt['recovery'], '.2f')} ({', '.join(found) or 'none'})"
+        )
+        worst = gt.get("worst_leak") or {}
+        head.add_row(
+            "ground truth leakage (max nuisance |rho|)",
+            f"{_f(gt['leakage'], '.2f')}" + (f" ({worst['factor']})" if worst else ""),
+        )
+    rows = Table(title="per direction")
+    for col in (
+        "direction",
+        "delta-p",
+        "flip",
+        "L1",
+        "COUT",
+        "FID clf",
+        "KID clf",
+        "FID imgnet",
+        "HF sd",
+        "bg sd",
+    ):
+        rows.add_column(col, justify="left" if col == "direction" else "right")
+    real = result["realism"]["sets"]
+    for r in result["directions"]:
+        rs = real.get(r["name"], {})
+        rows.add_row(
+            r["name"],
+            _f(r["mean_delta_p"], "+.3f"),
+            _f(r["flip_rate"], ".2f"),
+            _f(r["proximity"]["l1"], ".4f"),
+            _f(r["cout"], "+.2f"),
+            _f(rs.get("classifier", {}).get("fid"), ".2f"),
+            _f(rs.get("classifier", {}).get("kid", {}).get("mean"), ".3f"),
+            _f(rs.get("imagenet", {}).get("fid"), ".2f"),
+            _f(r["artifacts_sd"].get("high_frequency"), "+.1f"),
+            _f(r["artifacts_sd"].get("background"), "+.1f"),
+        )
+    for name in ("real_source", "reconstruction"):
+        rs = real.get(name, {})
+        rows.add_row(
+            f"({name.replace('_', ' ')})",
+            "",
+            "",
+            "",
+            "",
+            _f(rs.get("classifier", {}).get("fid"), ".2f"),
+            _f(rs.get("classifier", {}).get("kid", {}).get("mean"), ".3f"),
+            _f(rs.get("imagenet", {}).get("fid"), ".2f"),
+            "",
+            "",
+        )
+    return [head, rows]
+
+
+def print_evaluation(result: dict[str, Any], console: Console | None = None) -> None:
+    """Print the tables to stdout (or ``console``)."""
+    console = console or Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+    for t in evaluation_tables(result):
+        console.print(t)

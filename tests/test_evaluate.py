@@ -1,0 +1,188 @@
+"""Evaluation metrics against hand-computed values, and the evaluate command end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.linalg import sqrtm
+
+from diffex.cli import main
+from diffex.data.display import composite
+from diffex.data.spec import load_spec
+from diffex.evaluate.counterfactual import cout, effect, proximity
+from diffex.evaluate.features import rgb_composite
+from diffex.evaluate.groundtruth import expected_signs, recovery
+from diffex.evaluate.realism import frechet_distance, kid
+
+
+def _probs_sum(x: torch.Tensor) -> torch.Tensor:
+    """Two-class stub: p(class 1) = sum of pixels / 1.5."""
+    p1 = (x.sum(dim=(1, 2, 3)) / 1.5).clamp(0, 1)
+    return torch.stack([1 - p1, p1], dim=1)
+
+
+def test_cout_two_pixel_example() -> None:
+    # changes 1.0 and 0.5: the first pixel goes in first. With 2 steps the inserted images are
+    # [0, 0], [1, 0], [1, 0.5] -> p1 = 0, 2/3, 1 and p0 = 1, 1/3, 0; p1 - p0 = -1, 1/3, 1.
+    # Trapezoid over [0, 0.5, 1]: 0.5 * ((-1 + 1/3) / 2 + (1/3 + 1) / 2) = 1/6.
+    x0 = torch.zeros(1, 1, 1, 2)
+    x1 = torch.tensor([[[[1.0, 0.5]]]])
+    c = cout(_probs_sum, x0, x1, np.array([0]), target=1, steps=2)
+    assert c["cout"] == pytest.approx(1 / 6, abs=1e-6)
+    np.testing.assert_allclose(c["p_target"], [0, 2 / 3, 1], atol=1e-6)
+    # the order follows the size of the change, not the position: mirrored pixels, same COUT
+    x1r = torch.tensor([[[[0.5, 1.0]]]])
+    assert cout(_probs_sum, x0, x1r, np.array([0]), 1, steps=2)["cout"] == pytest.approx(1 / 6)
+    swapped = torch.tensor([[[[0.2, 1.0]]]])  # the 1.0 goes in first: p1 = 0, 2/3, 0.8
+    assert cout(_probs_sum, x0, swapped, np.array([0]), 1, steps=2)["cout"] == pytest.approx(
+        0.5 * ((-1 + 1 / 3) / 2 + (1 / 3 + (2 * 1.2 / 1.5 - 1)) / 2), abs=1e-6
+    )
+
+
+def test_cout_bounds_and_no_change() -> None:
+    x = torch.rand(3, 2, 4, 4) * 0.1
+    c = cout(_probs_sum, x, x.clone(), np.array([0, 0, 0]), target=1, steps=5)
+    # no change: every step equals the start, so COUT = p1 - p0 of the unedited image
+    p = _probs_sum(x)
+    np.testing.assert_allclose(c["per_image"], (p[:, 1] - p[:, 0]).numpy(), atol=1e-6)
+    assert -1 <= c["cout"] <= 1
+
+
+def test_effect_and_proximity_by_hand() -> None:
+    p0 = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
+    p1 = np.array([[0.3, 0.7], [0.7, 0.3], [0.1, 0.9]])
+    e = effect(p0, p1, target=1)
+    assert e["mean_delta_p"] == pytest.approx((0.6 - 0.1 + 0.1) / 3)
+    assert e["flip_rate"] == pytest.approx(1 / 3)  # the third was already the target
+    a = np.zeros((2, 1, 1, 2))
+    b = np.array([[[[0.5, 0.5]]], [[[1.0, 0.0]]]])
+    pr = proximity(a, b)
+    assert pr["l1"] == pytest.approx((0.5 + 0.5 + 1.0 + 0.0) / 4)
+    assert pr["l2"] == pytest.approx((0.5 + np.sqrt(0.5)) / 2)
+
+
+def test_fid_identical_shifted_and_against_sqrtm() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 5))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    shift = np.array([1.0, -2.0, 0.0, 0.5, 0.0])
+    assert frechet_distance(a, a + shift) == pytest.approx((shift**2).sum(), rel=1e-9)
+    b = rng.normal(size=(150, 5)) @ rng.normal(size=(5, 5)) + 0.3
+    ma, mb = a.mean(0), b.mean(0)
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    ref = ((ma - mb) ** 2).sum() + np.trace(sa + sb - 2 * sqrtm(sa @ sb).real)
+    assert frechet_distance(a, b) == pytest.approx(ref, rel=1e-6)
+    # fewer samples than dimensions still works (singular covariances)
+    c = rng.normal(size=(10, 50))
+    assert frechet_distance(c, c) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_kid_hand_value_and_separation() -> None:
+    x = np.array([[0.0], [1.0]])
+    y = np.array([[2.0], [3.0]])
+    # k = (u v + 1)^3: off-diagonal means 1 (x) and 343 (y); cross mean (1+1+27+64)/4 = 23.25
+    assert kid(x, y, subsets=1)["mean"] == pytest.approx(1 + 343 - 2 * 23.25)
+    rng = np.random.default_rng(1)
+    same = kid(rng.normal(size=(300, 8)), rng.normal(size=(300, 8)))["mean"]
+    far = kid(rng.normal(size=(300, 8)), rng.normal(size=(300, 8)) + 1.0)["mean"]
+    assert abs(same) < 0.02 < far
+
+
+def _dir(name: str, **feats: tuple[float, float]) -> dict:
+    return {
+        "name": name,
+        "features": {f: {"rho": r, "fraction_of_gap": g} for f, (r, g) in feats.items()},
+    }
+
+
+def test_recovery_and_leakage_on_a_known_stub() -> None:
+    signs = {"nucleus_area": 1, "spot_count": 1, "elongation": 1, "actin_intensity": -1}
+    dirs = [
+        _dir("a", nucleus_area=(0.9, 1.0), cell_area=(0.2, float("nan"))),
+        _dir("b", spot_count=(0.8, 3.0), actin_intensity=(-0.7, 0.8), noise=(-0.45, float("nan"))),
+        _dir("c", elongation=(-0.9, -1.0), offset_x=(0.1, float("nan"))),
+    ]
+    gt = recovery(dirs, signs, ["cell_area", "noise", "offset_x", "rotation"])
+    # nucleus: yes (a). spots: overshoot 3x gap -> no. elongation: wrong sign -> no.
+    # actin: rho -0.7, 0.8 of the gap -> yes (b).
+    assert gt["factors"]["nucleus_area"]["by"] == ["a"]
+    assert not gt["factors"]["spot_count"]["recovered"]
+    assert not gt["factors"]["elongation"]["recovered"]
+    assert gt["factors"]["actin_intensity"]["by"] == ["b"]
+    assert gt["recovery"] == pytest.approx(0.5)
+    assert gt["leakage"] == pytest.approx(0.45)
+    assert gt["worst_leak"]["factor"] == "noise"
+    weak = recovery([_dir("w", nucleus_area=(0.5, 1.0))], {"nucleus_area": 1}, [])
+    assert weak["recovery"] == 0.0
+
+
+def test_expected_signs_from_the_default_spec() -> None:
+    spec = load_spec(None)
+    s = expected_signs(spec, "control", "treated")
+    assert s == {"nucleus_area": 1, "spot_count": 1, "elongation": 1, "actin_intensity": -1}
+    assert expected_signs(spec, "treated", "control")["actin_intensity"] == 1
+
+
+def test_rgb_composite_matches_the_figures() -> None:
+    x = torch.rand(2, 3, 5, 5) * 2 - 1
+    colors = ["#3b6cff", "#3bd15a", "#ff4fd8"]
+    ours = rgb_composite(x, colors).numpy()
+    for i in range(2):
+        ref = composite(((x[i].numpy() + 1) / 2), colors).astype(np.float64) / 255
+        np.testing.assert_allclose(ours[i].transpose(1, 2, 0), ref, atol=1 / 255 + 1e-6)
+
+
+def test_efficientnet_lite0_recognises_imagenet_photos() -> None:
+    """The shipped weights in our network: scikit-image's bundled cat and coffee photos."""
+    from skimage import data
+
+    from diffex.models.efficientnet import load_lite0
+
+    net = load_lite0()
+    for img, classes in ((data.chelsea(), range(281, 286)), (data.coffee(), (967, 968))):
+        x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+        x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", antialias=True)
+        with torch.no_grad():
+            top = int(net(x).argmax())
+        assert top in classes
+
+
+def test_evaluation_json_follows_the_schema(demo_run: Path) -> None:
+    import jsonschema
+
+    schema = json.loads(
+        (Path(__file__).parents[1] / "src/diffex/evaluate/evaluation.schema.json").read_text()
+    )
+    text = (demo_run / "evaluation.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON
+    ev = json.loads(text)
+    jsonschema.validate(ev, schema)
+    assert ev["fidelity"]["n"] == 8
+    names = [d["name"] for d in ev["directions"]]
+    assert names[-1] == "reference_class_mean"
+    assert ev["ground_truth"] is not None  # the demo's data came with a spec
+    assert set(ev["ground_truth"]["factors"]) == {
+        "nucleus_area",
+        "spot_count",
+        "elongation",
+        "actin_intensity",
+    }
+    for fig in ev["figures"]:
+        assert (demo_run / fig).is_file()
+    broken = dict(ev, fidelity={"n": 0})
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+
+
+def test_evaluate_without_ranking_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main(["evaluate", "--run", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(run) in err
