@@ -604,8 +604,24 @@ def explain_cmd(opts: Options, run: Path, **kw: Any) -> None:
     show_default=True,
     help="Side the composite images are resized to (bilinear) for EfficientNet-Lite0.",
 )
+@click.option(
+    "--method",
+    type=click.Choice(["all", "diffex", "gcd"]),
+    default="all",
+    show_default=True,
+    help="all: DiffEx and every baseline the run has (RUN/baselines/*/ranking.json).",
+)
+@click.option(
+    "--compare",
+    multiple=True,
+    metavar="LABEL=RUN",
+    help="Add another run's evaluation (same data, classifier and autoencoder) to the "
+    "side-by-side table, e.g. paper=runs/demo_paper. Repeatable.",
+)
 @pass_options
-def evaluate_cmd(opts: Options, run: Path, **kw: Any) -> None:
+def evaluate_cmd(
+    opts: Options, run: Path, method: str, compare: tuple[str, ...], **kw: Any
+) -> None:
     """Measure whether the explanation is true, faithful, realistic and disentangled.
 
     Autoencoder fidelity; per direction delta-p, flip rate, proximity, COUT, artifacts and
@@ -614,13 +630,89 @@ def evaluate_cmd(opts: Options, run: Path, **kw: Any) -> None:
     alpha; ground-truth recovery and leakage when the data came with a spec. The class-mean
     reference is scored beside the directions. Writes RUN/evaluation.json and RUN/evaluation/.
     """
-    from diffex.evaluate.run import EvaluateConfig, evaluate_run
+    from diffex.evaluate.run import EvaluateConfig, available_methods, evaluate_run
     from diffex.evaluate.table import print_evaluation
 
+    pairs = {}
+    for item in compare:
+        label, sep, other = item.partition("=")
+        if not sep or not label or not other:
+            raise DiffexError(f"--compare takes LABEL=RUN, got {item!r}")
+        pairs[label] = Path(other)
     device = opts.setup()
-    result = evaluate_run(run, EvaluateConfig(**kw, seed=opts.seed), device)
-    print_evaluation(result)
+    cfg = EvaluateConfig(**kw, seed=opts.seed)
+    methods = [method] if method != "all" else available_methods(run)
+    for m in sorted(methods, key=lambda m: m == "diffex"):  # baselines first, then the comparison
+        result = evaluate_run(run, cfg, device, method=m, compare=pairs if m == "diffex" else None)
+        print_evaluation(result)
     click.echo(f"evaluation: {run / 'evaluation.json'}")
+
+
+@cli.group(context_settings=CONTEXT)
+def baseline() -> None:
+    """Other explainers run on the same autoencoder and classifier, for comparison."""
+
+
+@baseline.command("gcd", context_settings=CONTEXT)
+@click.option(
+    "--run",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Run folder with a trained autoencoder; writes RUN/baselines/gcd/.",
+)
+@click.option(
+    "--target",
+    default=None,
+    help="Class the directions should move towards [default with two classes: the second].",
+)
+@click.option(
+    "--source-images",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Validation images GCD searches on (directions from each are ranked together).",
+)
+@click.option("--m", "m", type=int, default=5, show_default=True, help="Directions to keep.")
+@click.option(
+    "--n-images",
+    type=int,
+    default=64,
+    show_default=True,
+    help="Held-out images the directions are ranked on (the global flip rate).",
+)
+@click.option("--ddim-steps", type=int, default=20, show_default=True, help="DDIM steps.")
+@click.option(
+    "--samples", type=int, default=96, show_default=True, help="Perturbations decoded per round."
+)
+@click.option("--rounds", type=int, default=3, show_default=True, help="Sample-and-fit rounds.")
+@click.option(
+    "--explain/--no-explain",
+    default=True,
+    show_default=True,
+    help="Render the directions like DiffEx's (strips, curves, morphology).",
+)
+@pass_options
+def baseline_gcd(
+    opts: Options, run: Path, samples: int, rounds: int, explain: bool, **kw: Any
+) -> None:
+    """Global Counterfactual Directions (Sobieski and Biecek, 2024) on this run's models.
+
+    Samples perturbations of one source image's semantic latent, fits an MLP proxy of the
+    classifier's target logit and a feature distance, takes gradient (g) and Hessian (h)
+    directions, line-searches each step until p(target) crosses 0.5, and ranks the directions
+    by their global flip rate on held-out images. Then `diffex evaluate --run RUN` scores them
+    with the same metrics as DiffEx's.
+    """
+    from diffex.baselines.gcd import GCDConfig
+    from diffex.baselines.run import GCDRunConfig, gcd_run
+    from diffex.explain.explain import ExplainConfig, explain_run
+
+    device = opts.setup()
+    search = GCDConfig(samples=samples, rounds=rounds, seed=opts.seed)
+    gcd_run(run, GCDRunConfig(**kw, search=search, seed=opts.seed), device)
+    if explain:
+        explain_run(run, ExplainConfig(reference=False, seed=opts.seed), device, method="gcd")
+    click.echo(f"gcd: {run / 'baselines' / 'gcd'}")
 
 
 @cli.command(context_settings=CONTEXT)

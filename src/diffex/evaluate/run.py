@@ -19,17 +19,16 @@ from diffex.evaluate.fidelity import classifier_agreement, pixel_metrics
 from diffex.evaluate.groundtruth import expected_signs, recovery
 from diffex.evaluate.plots import cos_heatmap, cout_curves, rho_heatmap, sufficiency_curve
 from diffex.evaluate.realism import frechet_distance, kid
+from diffex.explain.methods import METHODS, REFERENCE, load_direction_set, method_folder
 from diffex.explain.rank import prober, source_split
 from diffex.explain.ranking import artifact_measures, artifact_z, reference_spread
 from diffex.io.atomic import read_json, write_json
 from diffex.log import info, track
 from diffex.models.autoencoder import DiffusionAutoencoder
-from diffex.models.directions import LatentEditor
 from diffex.rundir import RunDir
 from diffex.train.autoencoder import load_autoencoder
-from diffex.train.directions import load_editor
+from diffex.train.resume import file_digest
 
-REFERENCE = "reference_class_mean"
 SCHEMA_VERSION = 1
 
 
@@ -55,40 +54,6 @@ class EvaluateConfig:
             raise DiffexError("evaluate: n_images and n_real must be >= 2 (FID needs 2 images)")
         if self.imagenet_size < 32:
             raise DiffexError(f"evaluate: imagenet_size must be >= 32, got {self.imagenet_size}")
-
-
-@dataclass
-class _Method:
-    """One edit to score: a ranked direction (with its sign) or the class-mean reference."""
-
-    name: str
-    label: str
-    edit: Any  # z (N, D) -> edited z
-
-
-def _methods(
-    ranking: dict[str, Any], editor: LatentEditor, target: int, alpha: float
-) -> list[_Method]:
-    out = []
-    for d in ranking["directions"]:
-        k, sign = int(d["direction"]), int(d["sign"])
-        s = "+" if sign > 0 else "-"
-
-        def fn(z: torch.Tensor, k: int = k, sign: int = sign) -> torch.Tensor:
-            return editor.edit(z, k, sign, alpha)
-
-        out.append(
-            _Method(f"rank{d['rank']}_dir{k}{s}", f"rank {d['rank']}: direction {k} ({s})", fn)
-        )
-    unit = editor.space.towards(target)
-    out.append(
-        _Method(
-            REFERENCE,
-            "reference: class-mean direction",
-            lambda z: editor.edit_along(z, unit, alpha),
-        )
-    )
-    return out
 
 
 def _fidelity(ae: DiffusionAutoencoder, plan: DataPlan, cfg: EvaluateConfig) -> dict[str, Any]:
@@ -169,23 +134,30 @@ def _realism(
     return out
 
 
-def evaluate_run(run: str | Path, cfg: EvaluateConfig, device: torch.device) -> dict[str, Any]:
-    """Score a run's ranked directions and the class-mean reference; write evaluation.json."""
+def evaluate_run(
+    run: str | Path,
+    cfg: EvaluateConfig,
+    device: torch.device,
+    method: str = "diffex",
+    compare: dict[str, str | Path] | None = None,
+) -> dict[str, Any]:
+    """Score ``method``'s ranked directions (for DiffEx also the class-mean reference) and write
+    its evaluation.json. For DiffEx, the ``comparison`` section sets it beside the reference,
+    every baseline of the run that has been evaluated, and the runs in ``compare``."""
     rd = RunDir(run)
     plan = rd.load_plan()
-    ranking_path = rd.root / "ranking.json"
-    if not ranking_path.is_file():
-        raise DiffexError(f"{rd.root} has no ranking.json: run 'diffex rank --run {rd.root}' first")
-    ranking = read_json(ranking_path)
+    for other in (compare or {}).values():  # before any work, so a bad --compare loses nothing
+        check_comparable(rd.root, Path(other))
+    dset = load_direction_set(run, method, device)
     ae = load_autoencoder(run, device)
-    editor = load_editor(run, device)
-    target = int(ranking["target_index"])
-    alpha = float(ranking["alpha"])
-    out_dir = rd.stage("evaluation")
+    target = dset.target
+    space = dset.space
+    out_dir = dset.folder / "evaluation"
     result: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
+        "method": method,
         "target_class": plan.classes[target],
-        "alpha": alpha,
+        "alpha": float(dset.ranking["alpha"]),
         "config": asdict(cfg),
     }
     result["fidelity"] = _fidelity(ae, plan, cfg)
@@ -193,34 +165,34 @@ def evaluate_run(run: str | Path, cfg: EvaluateConfig, device: torch.device) -> 
     x, y_src, _ = source_split(plan, target, cfg.n_images, cfg.seed)
     info(f"evaluate: encoding {len(x)} source images")
     z, x_T = ae.encode(x, steps=cfg.ddim_steps, batch_size=cfg.batch_size)
+    zd = z.to(space.mean.device)
     probs = prober(ae)
 
     def decode(zz: torch.Tensor) -> torch.Tensor:
-        return ae.decode(zz, x_T, steps=cfg.ddim_steps, batch_size=cfg.batch_size)
+        return ae.decode(zz.to(z.device), x_T, steps=cfg.ddim_steps, batch_size=cfg.batch_size)
 
     recon = decode(z)
     p_recon = probs(recon).numpy()
     unit = plan.normalization.to_unit
     recon_unit = unit(recon)
     spread = reference_spread(unit(x))
-    methods = _methods(ranking, editor, target, alpha)
+    items = dset.all_items()
     edited: dict[str, torch.Tensor] = {}
     rows: list[dict[str, Any]] = []
     cout_plot: dict[str, dict[str, np.ndarray]] = {}
-    for m in track(methods, "evaluate: edits", total=len(methods)):
-        with torch.no_grad():
-            zm = m.edit(z.to(editor.space.mean.device)).to(z.device)
-        xe = decode(zm)
-        edited[m.name] = xe
+    for item in track(items, "evaluate: edits", total=len(items)):
+        xe = decode(item.move(space, zd))
+        edited[item.name] = xe
         pe = probs(xe).numpy()
         c = cout(probs, recon, xe, y_src, target, steps=cfg.cout_steps)
-        cout_plot[m.name] = c
+        cout_plot[item.name] = c
         art = artifact_z(artifact_measures(recon_unit, unit(xe)), spread)
         rows.append(
             {
-                "name": m.name,
-                "label": m.label,
-                "reference": m.name == REFERENCE,
+                "name": item.name,
+                "label": item.label,
+                "reference": item.reference,
+                "alpha": item.alpha,
                 **effect(p_recon, pe, target),
                 "proximity": proximity(recon_unit, unit(xe)),
                 "cout": c["cout"],
@@ -235,13 +207,11 @@ def evaluate_run(run: str | Path, cfg: EvaluateConfig, device: torch.device) -> 
     result["directions"] = rows
 
     # sufficiency: the top-1 .. top-M directions applied one after the other
-    learned = [m for m in methods if m.name != REFERENCE]
     suff = []
-    zc = z.to(editor.space.mean.device)
-    for i, m in enumerate(learned):
-        with torch.no_grad():
-            zc = m.edit(zc)
-        xe = edited[m.name] if i == 0 else decode(zc.to(z.device))
+    zc = zd
+    for i, item in enumerate(dset.items):
+        zc = item.move(space, zc)
+        xe = edited[item.name] if i == 0 else decode(zc)
         suff.append({"m": i + 1, **effect(p_recon, probs(xe).numpy(), target)})
     result["sufficiency"] = suff
 
@@ -257,21 +227,21 @@ def evaluate_run(run: str | Path, cfg: EvaluateConfig, device: torch.device) -> 
     result["realism"] = _realism(sets, val.x[tidx], ae, plan, cfg)
 
     # disentanglement: mean shift vectors in standardised z, and measurements along alpha
-    names = [m.name for m in methods]
+    names = [m.name for m in items]
     with torch.no_grad():
-        zd = z.to(editor.space.mean.device)
-        zs = editor.space.standardise(zd)
-        shifts = torch.stack([(editor.space.standardise(m.edit(zd)) - zs).mean(0) for m in methods])
+        zs = space.standardise(zd)
+        shifts = torch.stack([(space.standardise(m.move(space, zd)) - zs).mean(0) for m in items])
     shifts = torch.nn.functional.normalize(shifts, dim=1)
     cosm = (shifts @ shifts.T).abs().cpu().numpy()
-    feats = _explain_features(rd.root)
+    feats = _explain_features(dset.folder)
     features = sorted({f for d in feats.values() for f in d})
     rho = [
         [float(feats.get(n, {}).get(f, {}).get("rho", float("nan"))) for f in features]
         for n in names
     ]
-    learned_names = [m.name for m in learned]
-    off = cosm[: len(learned), : len(learned)][~np.eye(len(learned), dtype=bool)]
+    learned_names = [m.name for m in dset.items]
+    n_l = len(dset.items)
+    off = cosm[:n_l, :n_l][~np.eye(n_l, dtype=bool)]
     result["disentanglement"] = {
         "names": names,
         "abs_cos": cosm.tolist(),
@@ -301,10 +271,12 @@ def evaluate_run(run: str | Path, cfg: EvaluateConfig, device: torch.device) -> 
         result["ground_truth"] = None
 
     result["headline"] = _headline(result, rd.root)
-    result["figures"] = _figures(result, cout_plot, out_dir)
+    result["figures"] = [str(p.relative_to(rd.root)) for p in _figures(result, cout_plot, out_dir)]
+    if method == "diffex":
+        result["comparison"] = comparison(rd.root, result, compare or {})
     result = finite_or_null(result)
-    write_json(rd.root / "evaluation.json", result)
-    info(f"evaluate: wrote {rd.root / 'evaluation.json'}")
+    write_json(dset.folder / "evaluation.json", result)
+    info(f"evaluate: wrote {dset.folder / 'evaluation.json'}")
     return result
 
 
@@ -365,7 +337,7 @@ def _headline(result: dict[str, Any], root: Path) -> dict[str, Any]:
     }
 
 
-def _figures(result: dict[str, Any], cout_plot: dict[str, Any], out: Path) -> list[str]:
+def _figures(result: dict[str, Any], cout_plot: dict[str, Any], out: Path) -> list[Path]:
     paths = [
         sufficiency_curve(result["sufficiency"], out / "sufficiency.png"),
         cout_curves(cout_plot, out / "cout.png", result["target_class"]),
@@ -373,4 +345,104 @@ def _figures(result: dict[str, Any], cout_plot: dict[str, Any], out: Path) -> li
     ]
     if result["disentanglement"]["features"]:
         paths.append(rho_heatmap(result["disentanglement"], out / "measurements_along_alpha.png"))
-    return [str(Path("evaluation") / p.name) for p in paths]
+    return paths
+
+
+#: The side-by-side metrics, in display order: key -> label.
+COMPARE_METRICS: dict[str, str] = {
+    "n_directions": "directions ranked",
+    "top1_delta_p": "top-1 mean delta-p",
+    "top1_flip_rate": "top-1 flip rate (global)",
+    "all_flip_rate": "flip rate, all ranked together",
+    "top1_l1": "top-1 proximity L1",
+    "top1_cout": "top-1 COUT",
+    "fid_classifier": "top-1 FID (classifier features)",
+    "kid_classifier": "top-1 KID (classifier features)",
+    "fid_imagenet": "top-1 FID (ImageNet features)",
+    "kid_imagenet": "top-1 KID (ImageNet features)",
+    "hf_sd": "top-1 high-frequency change (sd)",
+    "background_sd": "top-1 background change (sd)",
+    "recovery": "ground truth recovery",
+    "leakage": "ground truth leakage",
+}
+
+
+def method_summary(ev: dict[str, Any], reference: bool = False) -> dict[str, Any]:
+    """The comparison numbers of one evaluation: its top-ranked direction (or the reference)."""
+    rows = [r for r in ev.get("directions") or [] if bool(r.get("reference")) == reference]
+    out: dict[str, Any] = dict.fromkeys(COMPARE_METRICS)
+    out["n_directions"] = len(rows)
+    gt = ev.get("ground_truth") or {}
+    gt = (gt.get("reference") or {}) if reference else gt
+    out["recovery"], out["leakage"] = gt.get("recovery"), gt.get("leakage")
+    if not rows:
+        return out
+    top = rows[0]
+    sets = (ev.get("realism") or {}).get("sets", {}).get(top["name"], {})
+    suff = ev.get("sufficiency") or []
+    art = top.get("artifacts_sd") or {}
+    out.update(
+        top1_delta_p=top["mean_delta_p"],
+        top1_flip_rate=top["flip_rate"],
+        all_flip_rate=top["flip_rate"] if reference else (suff[-1]["flip_rate"] if suff else None),
+        top1_l1=top["proximity"]["l1"],
+        top1_cout=top["cout"],
+        hf_sd=art.get("high_frequency"),
+        background_sd=art.get("background"),
+    )
+    for space in ("classifier", "imagenet"):
+        d = sets.get(space) or {}
+        out[f"fid_{space}"] = d.get("fid")
+        out[f"kid_{space}"] = (d.get("kid") or {}).get("mean")
+    return out
+
+
+def check_comparable(root: Path, other: Path) -> None:
+    """Refuse to compare runs that do not share data (the same files, splits and
+    normalisation), classifier and autoencoder, or that have not been evaluated."""
+    if not (other / "evaluation.json").is_file():
+        raise DiffexError(f"cannot compare with {other}: run 'diffex evaluate --run {other}' first")
+    for rel in ("data.json", "classifier/model.safetensors", "autoencoder/model.safetensors"):
+        a, b = root / rel, other / rel
+        if not b.is_file():
+            raise DiffexError(f"cannot compare with {other}: it has no {rel}")
+        if rel == "data.json":
+            same = {k: v for k, v in read_json(a).items() if k != "source"} == {
+                k: v for k, v in read_json(b).items() if k != "source"
+            }
+        else:
+            same = file_digest(a) == file_digest(b)
+        if not same:
+            raise DiffexError(
+                f"cannot compare with {other}: its {rel} differs from {root / rel} "
+                "(methods are compared on the same data, classifier and autoencoder)"
+            )
+
+
+def comparison(
+    root: Path, result: dict[str, Any], compare: dict[str, str | Path]
+) -> dict[str, Any]:
+    """DiffEx, the class-mean reference, evaluated baselines and other runs, side by side."""
+    cfg_path = root / "directions" / "config.json"
+    objective = (
+        (read_json(cfg_path).get("train") or {}).get("objective") if cfg_path.is_file() else None
+    )
+    methods = {
+        f"DiffEx ({objective or 'directions'} objective)": method_summary(result),
+        "class-mean reference": method_summary(result, reference=True),
+    }
+    for m in METHODS:
+        path = method_folder(root, m) / "evaluation.json"
+        if m != "diffex" and path.is_file():
+            methods[m.upper()] = method_summary(read_json(path))
+    for label, other in compare.items():
+        check_comparable(root, Path(other))
+        methods[label] = method_summary(read_json(Path(other) / "evaluation.json"))
+    return {"metrics": COMPARE_METRICS, "methods": methods}
+
+
+def available_methods(run: str | Path) -> list[str]:
+    """DiffEx and every baseline of the run that has a ranking."""
+    return ["diffex"] + [
+        m for m in METHODS if m != "diffex" and (method_folder(run, m) / "ranking.json").is_file()
+    ]

@@ -84,7 +84,18 @@ def evaluation_tables(result: dict[str, Any]) -> list[Table]:
             "",
             "",
         )
-    return [head, rows]
+    tables = [head, rows]
+    comp = result.get("comparison") or {}
+    methods = comp.get("methods") or {}
+    if len(methods) > 1:
+        side = Table(title="side by side (top-ranked direction of each method)")
+        side.add_column("measure")
+        for m in methods:
+            side.add_column(m, justify="right")
+        for key, label in (comp.get("metrics") or {}).items():
+            side.add_row(label, *(_f((methods[m] or {}).get(key)) for m in methods))
+        tables.append(side)
+    return tables
 
 
 def print_evaluation(result: dict[str, Any], console: Console | None = None) -> None:

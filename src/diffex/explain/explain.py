@@ -25,14 +25,14 @@ from diffex.explain.figures import (
     sweep_frames,
     sweep_gif,
 )
+from diffex.explain.methods import load_direction_set
 from diffex.explain.rank import prober, source_images
-from diffex.io.atomic import read_json, write_json
+from diffex.io.atomic import write_json
 from diffex.log import info, track
 from diffex.models.autoencoder import DiffusionAutoencoder
-from diffex.models.directions import LatentEditor
+from diffex.models.directions import LatentSpace
 from diffex.rundir import RunDir
 from diffex.train.autoencoder import load_autoencoder
-from diffex.train.directions import load_editor
 
 
 @dataclass
@@ -57,7 +57,7 @@ class ExplainConfig:
 
 def sweep(
     ae: DiffusionAutoencoder,
-    editor: LatentEditor,
+    space: LatentSpace,
     z: torch.Tensor,
     x_T: torch.Tensor,
     unit_fn: Any,
@@ -69,7 +69,6 @@ def sweep(
 
     Returns frames (A, N, C, H, W) in [-1, 1]; all alphas of all cells in batched calls.
     """
-    space = editor.space
     with torch.no_grad():
         zs = space.standardise(z)
         units = unit_fn(zs)
@@ -99,50 +98,36 @@ def factor_trends(unit_frames: np.ndarray, alphas: np.ndarray) -> dict[str, dict
     return out
 
 
-def explain_run(run: str | Path, cfg: ExplainConfig, device: torch.device) -> dict[str, Any]:
-    """Render every ranked direction (and the class-mean reference) into RUN/explanations/."""
+def explain_run(
+    run: str | Path, cfg: ExplainConfig, device: torch.device, method: str = "diffex"
+) -> dict[str, Any]:
+    """Render every ranked direction of ``method`` (DiffEx's, with the class-mean reference, or
+    a baseline's) into its ``explanations/`` folder."""
     rd = RunDir(run)
     plan = rd.load_plan()
-    ranking_path = rd.root / "ranking.json"
-    if not ranking_path.is_file():
-        raise DiffexError(f"{rd.root} has no ranking.json: run 'diffex rank --run {rd.root}' first")
-    ranking = read_json(ranking_path)
+    dset = load_direction_set(run, method, device, reference=cfg.reference)
     ae = load_autoencoder(run, device)
-    editor = load_editor(run, device)
-    target = int(ranking["target_index"])
-    target_name = ranking["target_class"]
-    alpha = float(ranking["alpha"])
-    alphas = np.linspace(-alpha, alpha, cfg.n_alphas)
+    target = dset.target
+    target_name = dset.ranking["target_class"]
     x, _ = source_images(plan, target, cfg.n_cells, cfg.seed + 1)
     info(f"explain: encoding {len(x)} cells")
     z, x_T = ae.encode(x, steps=cfg.ddim_steps, batch_size=cfg.batch_size)
     probs = prober(ae)
-    out = rd.stage("explanations")
+    out = dset.folder / "explanations"
     class_stats = _class_stats(plan) if cfg.measure else None
     source_name = _source_name(plan, target)
-
-    items: list[tuple[str, str, Any]] = []
-    for d in ranking["directions"]:
-        k, sign = int(d["direction"]), int(d["sign"])
-        name = f"rank{d['rank']}_dir{k}{'+' if sign > 0 else '-'}"
-        label = f"rank {d['rank']}: direction {k} ({'+' if sign > 0 else '-'})"
-        items.append((name, label, _direction_units(editor, k, sign)))
-    if cfg.reference:
-        items.append(
-            (
-                "reference_class_mean",
-                "reference: class-mean direction",
-                _class_mean_units(editor, target),
-            )
-        )
+    items = dset.all_items()
     summary: dict[str, Any] = {
+        "method": method,
         "target_class": target_name,
-        "alphas": alphas.tolist(),
+        "alphas": (float(dset.ranking["alpha"]) * np.linspace(-1, 1, cfg.n_alphas)).tolist(),
         "n_cells": len(x),
         "items": [],
     }
-    for name, label, unit_fn in track(items, "explain", total=len(items)):
-        frames = sweep(ae, editor, z, x_T, unit_fn, alphas, cfg.ddim_steps, cfg.batch_size)
+    for item in track(items, "explain", total=len(items)):
+        name, label = item.name, item.label
+        alphas = np.linspace(-item.alpha, item.alpha, cfg.n_alphas)
+        frames = sweep(ae, dset.space, z, x_T, item.units, alphas, cfg.ddim_steps, cfg.batch_size)
         p = probs(frames.reshape(-1, *frames.shape[2:]))[:, target].reshape(len(alphas), -1)
         p_np = p.numpy()
         folder = out / name
@@ -173,6 +158,7 @@ def explain_run(run: str | Path, cfg: ExplainConfig, device: torch.device) -> di
             "name": name,
             "label": label,
             "folder": str(folder.relative_to(rd.root)),
+            "alphas": alphas.tolist(),
             "mean_p_target": p_np.mean(axis=1).tolist(),
             "frames": {**frame_info, "folder": "frames"},
         }
@@ -192,22 +178,6 @@ def explain_run(run: str | Path, cfg: ExplainConfig, device: torch.device) -> di
     write_json(out / "summary.json", summary)
     info(f"explain: wrote {len(items)} explanations to {out}")
     return summary
-
-
-def _direction_units(editor: LatentEditor, k: int, sign: int) -> Any:
-    def fn(zs: torch.Tensor) -> torch.Tensor:
-        return sign * editor.directions.unit(zs, k)
-
-    return fn
-
-
-def _class_mean_units(editor: LatentEditor, target: int) -> Any:
-    d = editor.space.towards(target)
-
-    def fn(zs: torch.Tensor) -> torch.Tensor:
-        return d.expand_as(zs)
-
-    return fn
 
 
 def _source_name(plan: DataPlan, target: int) -> str:

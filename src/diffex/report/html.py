@@ -294,8 +294,21 @@ def _evaluation_section(root: Path) -> dict[str, Any] | None:
         for f, v in ((gt or {}).get("factors") or {}).items()
         if isinstance(v, dict)
     ]
+    comp = ev.get("comparison") if isinstance(ev.get("comparison"), dict) else {}
+    labels = comp.get("metrics") if isinstance(comp.get("metrics"), dict) else {}
+    methods = comp.get("methods") if isinstance(comp.get("methods"), dict) else {}
+    compare = None
+    if labels and len(methods) > 1:
+        compare = {
+            "methods": [str(m) for m in methods],
+            "rows": [
+                (str(label), [_fmt((methods[m] or {}).get(key)) for m in methods])
+                for key, label in labels.items()
+            ],
+        }
     return {
         "numbers": flat,
+        "compare": compare,
         "rows": rows,
         "factors": factors,
         "figures": [(p.stem, data_uri(p)) for p in figures],

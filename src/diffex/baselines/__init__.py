@@ -1,0 +1,1 @@
+"""Baseline explainers run on DiffEx's own autoencoder and classifier."""

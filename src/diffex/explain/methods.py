@@ -1,0 +1,152 @@
+"""The ranked directions of one explanation method, in one form for explain and evaluate.
+
+A method is DiffEx itself (``RUN/ranking.json`` over the learned direction models) or a baseline
+(``RUN/baselines/<name>/ranking.json`` with fixed vectors in ``directions.safetensors``). Every
+direction is an :class:`Item`: a name, an edit size in class gaps and a map from standardised
+latents to unit vectors, so both are edited, explained and scored by the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffex.errors import DiffexError
+from diffex.io.atomic import read_json
+from diffex.io.checkpoint import load_weights
+from diffex.models.directions import LatentSpace
+from diffex.rundir import RunDir
+
+METHODS = ("diffex", "gcd")
+REFERENCE = "reference_class_mean"
+
+
+@dataclass
+class Item:
+    """One direction to edit along: ``units`` maps standardised z (N, D) to unit vectors (N, D)."""
+
+    name: str
+    label: str
+    alpha: float
+    units: Callable[[Tensor], Tensor]
+    reference: bool = False
+
+    def move(self, space: LatentSpace, z: Tensor, alpha: float | None = None) -> Tensor:
+        """Raw z moved by ``alpha`` (default: the item's own) class gaps along the direction."""
+        a = self.alpha if alpha is None else alpha
+        with torch.no_grad():
+            zs = space.standardise(z)
+            return space.unstandardise(zs + a * space.gap * self.units(zs))
+
+
+@dataclass
+class DirectionSet:
+    """A method's ranked directions (and, for DiffEx, the class-mean reference)."""
+
+    method: str
+    folder: Path
+    ranking: dict[str, Any]
+    space: LatentSpace
+    items: list[Item]
+    reference: Item | None
+
+    @property
+    def target(self) -> int:
+        return int(self.ranking["target_index"])
+
+    def all_items(self) -> list[Item]:
+        return self.items + ([self.reference] if self.reference else [])
+
+
+def method_folder(run: str | Path, method: str) -> Path:
+    """Where a method keeps ranking.json, explanations/ and evaluation.json."""
+    if method not in METHODS:
+        raise DiffexError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    root = RunDir(run).root
+    return root if method == "diffex" else root / "baselines" / method
+
+
+def _constant(v: Tensor) -> Callable[[Tensor], Tensor]:
+    def fn(zs: Tensor) -> Tensor:
+        return v.to(zs).expand_as(zs)
+
+    return fn
+
+
+def _learned(editor: Any, k: int, sign: int) -> Callable[[Tensor], Tensor]:
+    def fn(zs: Tensor) -> Tensor:
+        return sign * editor.directions.unit(zs, k)
+
+    return fn
+
+
+def load_space(folder: Path) -> LatentSpace:
+    """A latent space saved by a baseline (``space.safetensors``)."""
+    w = load_weights(folder / "space.safetensors")
+    n_classes, dim = w["class_means"].shape
+    space = LatentSpace(dim, n_classes)
+    space.load_state_dict(w)
+    return space.eval()
+
+
+def load_direction_set(
+    run: str | Path, method: str, device: torch.device | str = "cpu", reference: bool = True
+) -> DirectionSet:
+    """Read a method's ranking and build its items (on ``device``)."""
+    folder = method_folder(run, method)
+    path = folder / "ranking.json"
+    if not path.is_file():
+        hint = (
+            f"diffex rank --run {run}"
+            if method == "diffex"
+            else f"diffex baseline {method} --run {run}"
+        )
+        raise DiffexError(f"{folder} has no ranking.json: run '{hint}' first")
+    ranking = read_json(path)
+    items: list[Item] = []
+    if method == "diffex":
+        from diffex.train.directions import load_editor
+
+        editor = load_editor(run, device)
+        space = editor.space
+        alpha = float(ranking["alpha"])
+        for d in ranking["directions"]:
+            k, sign = int(d["direction"]), int(d["sign"])
+            s = "+" if sign > 0 else "-"
+            items.append(
+                Item(
+                    f"rank{d['rank']}_dir{k}{s}",
+                    f"rank {d['rank']}: direction {k} ({s})",
+                    alpha,
+                    _learned(editor, k, sign),
+                )
+            )
+        target = int(ranking["target_index"])
+        ref = Item(
+            REFERENCE,
+            "reference: class-mean direction",
+            alpha,
+            _constant(space.towards(target)),
+            True,
+        )
+        return DirectionSet(method, folder, ranking, space, items, ref if reference else None)
+    space = load_space(folder).to(device)
+    vectors = load_weights(folder / "directions.safetensors")["directions"].to(device)
+    for d in ranking["directions"]:
+        i = int(d["vector_index"])
+        if not 0 <= i < len(vectors):
+            raise DiffexError(f"{path}: vector_index {i} out of range ({len(vectors)} vectors)")
+        items.append(
+            Item(
+                f"rank{d['rank']}_{d['name']}",
+                f"rank {d['rank']}: {method.upper()} {d['name']}",
+                float(d["step"]),
+                _constant(vectors[i]),
+            )
+        )
+    return DirectionSet(method, folder, ranking, space, items, None)
