@@ -1,12 +1,13 @@
-"""Quality benchmark: the default demo for several seeds, with the ``paper`` direction objective
-and the class-mean reference beside DiffEx's default, summarised in BENCHMARKS.md.
+"""Quality benchmark: the default demo for several seeds, with the ``paper`` direction objective,
+the class-mean reference and the GCD baseline beside DiffEx's default, in BENCHMARKS.md.
 
     python benchmarks/quality.py --out runs/quality --seeds 0 1 2
 
 Each seed's default run lives in OUT/seed<S>; the ``paper`` variant in OUT/seed<S>_paper reuses
 that seed's data, classifier and autoencoder (only directions, rank, explain and evaluate run
-again). Rerunning skips finished stages, so an interrupted benchmark resumes. The table between
-the ``quality`` markers of BENCHMARKS.md is replaced; the rest of the file is kept.
+again); GCD runs into OUT/seed<S>/baselines/gcd. Rerunning skips finished stages, so an
+interrupted benchmark resumes. The table between the ``quality`` markers of BENCHMARKS.md is
+replaced; the rest of the file is kept.
 """
 
 from __future__ import annotations
@@ -16,37 +17,48 @@ import os
 import platform
 import shutil
 import statistics
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diffex.io.atomic import read_json, write_atomic
+from diffex.baselines.gcd import GCDConfig
+from diffex.baselines.run import GCDRunConfig, gcd_run
+from diffex.evaluate.run import COMPARE_METRICS, comparison, evaluate_run, finite_or_null
+from diffex.explain.explain import explain_run
+from diffex.io.atomic import read_json, write_atomic, write_json
 from diffex.pipeline import demo_preset, run_demo
+from diffex.report.html import build_report
 
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 UPSTREAM = ("synth", "classifier", "autoencoder")
 STAGES = ("synth", "classifier", "autoencoder", "directions", "rank", "explain", "evaluate")
 
-#: (label, headline key of the method's own run, reference headline key, digits)
-ROWS: tuple[tuple[str, str, str | None, int], ...] = (
-    ("classifier accuracy (test)", "accuracy", "accuracy", 3),
-    ("autoencoder PSNR (dB)", "psnr", "psnr", 1),
-    ("autoencoder SSIM", "ssim", "ssim", 3),
-    ("classifier agreement on reconstructions", "agreement", "agreement", 3),
-    ("directions ranked (M)", "n_directions", None, 1),
-    ("top-1 mean delta-p", "top1_delta_p", "reference_delta_p", 3),
-    ("top-1 flip rate", "top1_flip_rate", "reference_flip_rate", 2),
-    ("top-1 COUT", "top1_cout", "reference_cout", 2),
-    ("sufficiency: flip rate of top-1..M together", "sufficiency_at_m", None, 2),
-    ("ground truth recovery", "recovery", "reference_recovery", 2),
-    ("ground truth leakage (max nuisance |rho|)", "leakage", "reference_leakage", 2),
-    ("top-1 FID, classifier features", "top1_fid_classifier", "reference_fid_classifier", 2),
-    ("top-1 KID, classifier features", "top1_kid_classifier", "reference_kid_classifier", 3),
-    ("top-1 FID, ImageNet features", "top1_fid_imagenet", "reference_fid_imagenet", 2),
-    ("top-1 KID, ImageNet features", "top1_kid_imagenet", "reference_kid_imagenet", 3),
+#: Shared rows (the run's classifier and autoencoder): (label, headline key, digits).
+SHARED: tuple[tuple[str, str, int], ...] = (
+    ("classifier accuracy (test)", "accuracy", 3),
+    ("autoencoder PSNR (dB)", "psnr", 1),
+    ("autoencoder SSIM", "ssim", 3),
+    ("classifier agreement on reconstructions", "agreement", 3),
 )
+#: Digits per comparison metric (diffex.evaluate.run.COMPARE_METRICS gives the labels).
+DIGITS = {
+    "n_directions": 1,
+    "top1_delta_p": 3,
+    "top1_l1": 4,
+    "kid_classifier": 3,
+    "kid_imagenet": 3,
+}
+#: Column order of the side-by-side table.
+COLUMNS = (
+    "DiffEx (classifier objective)",
+    "DiffEx (paper objective)",
+    "class-mean reference",
+    "GCD",
+)
+PAPER = "DiffEx (paper objective)"
 
 
 def machine() -> str:
@@ -78,22 +90,29 @@ def link_upstream(src: Path, dst: Path) -> None:
         shutil.copy2(src / ".stages" / f"{stage}.json", dst / ".stages" / f"{stage}.json")
 
 
-def reference_numbers(ev: dict[str, Any]) -> dict[str, Any]:
-    """The class-mean reference's numbers from a default run's evaluation."""
-    head = dict(ev["headline"])
-    ref = next((d for d in ev["directions"] if d["reference"]), {})
-    sets = ev["realism"]["sets"].get(ref.get("name", ""), {})
-    head["reference_cout"] = ref.get("cout")
-    for space in ("classifier", "imagenet"):
-        d = sets.get(space) or {}
-        head[f"reference_fid_{space}"] = d.get("fid")
-        head[f"reference_kid_{space}"] = (d.get("kid") or {}).get("mean")
-    return head
+def run_gcd(run: Path, cfg: Any, device: torch.device, seed: int) -> None:
+    """GCD on the run's models, explained and evaluated like DiffEx (skipped when done)."""
+    marker = run / ".stages" / "gcd.json"
+    if marker.is_file() and (run / "baselines" / "gcd" / "evaluation.json").is_file():
+        return
+    t0 = time.perf_counter()
+    gcd_run(run, GCDRunConfig(search=GCDConfig(seed=seed), seed=seed), device)
+    explain_run(run, replace(cfg.explain, reference=False), device, method="gcd")
+    evaluate_run(run, cfg.evaluate, device, method="gcd")
+    write_json(marker, {"seconds": time.perf_counter() - t0})
+
+
+def refresh_comparison(run: Path, compare: dict[str, Path]) -> dict[str, Any]:
+    """Recompute the side-by-side section of the run's evaluation.json (no new edits)."""
+    ev = read_json(run / "evaluation.json")
+    ev["comparison"] = finite_or_null(comparison(run, ev, compare))
+    write_json(run / "evaluation.json", ev)
+    return ev
 
 
 def seconds(run: Path) -> dict[str, float]:
     out = {}
-    for stage in STAGES:
+    for stage in (*STAGES, "gcd"):
         marker = run / ".stages" / f"{stage}.json"
         if marker.is_file():
             sec = read_json(marker).get("seconds")
@@ -113,28 +132,41 @@ def _stat(values: list[Any], digits: int) -> str:
 
 def table(results: dict[int, dict[str, Any]], host: str) -> str:
     seeds = sorted(results)
+    cols = [c for c in COLUMNS if any(c in results[s]["methods"] for s in seeds)]
     lines = [
         BEGIN,
-        "## Quality: the default demo over seeds",
+        "## Quality: the default demo over seeds, DiffEx beside the paper's objective and GCD",
         "",
         f"Command: `python benchmarks/quality.py --seeds {' '.join(map(str, seeds))}`. "
         f"Machine: {host}. Mean ± sd over seeds {', '.join(map(str, seeds))}.",
-        "`default`: DiffEx as shipped (directions trained through the classifier's features); "
-        "`paper`: the published contrastive objective on the same data, classifier and "
-        "autoencoder; `class-mean reference`: the supervised direction between class means.",
+        "Every column is scored by `diffex evaluate` on the same held-out cells, classifier and "
+        "autoencoder. `DiffEx (classifier objective)`: DiffEx as shipped; `DiffEx (paper "
+        "objective)`: the published contrastive loss; `class-mean reference`: the supervised "
+        "direction between class means; `GCD`: our reimplementation of Global Counterfactual "
+        "Directions (one source image, 3 rounds of 96 perturbations, classifier-feature distance). "
+        "Top-1 rows describe each method's top-ranked direction; ground truth covers all its "
+        "ranked directions.",
         "",
-        "| measure | default | paper | class-mean reference |",
-        "|---|---|---|---|",
+        "| measure | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
     ]
-    for label, key, ref_key, digits in ROWS:
-        d = [results[s]["default"].get(key) for s in seeds]
-        p = [results[s].get("paper", {}).get(key) for s in seeds]
-        r = [results[s]["reference"].get(ref_key) for s in seeds] if ref_key else []
-        lines.append(f"| {label} | {_stat(d, digits)} | {_stat(p, digits)} | {_stat(r, digits)} |")
-    lines += ["", "Wall time per stage (default run; the paper variant reruns the last four):", ""]
+    for label, key, digits in SHARED:
+        v = _stat([results[s]["headline"].get(key) for s in seeds], digits)
+        lines.append(f"| {label} | " + " | ".join(v for _ in cols) + " |")
+    for key, label in COMPARE_METRICS.items():
+        cells = [
+            _stat([results[s]["methods"].get(c, {}).get(key) for s in seeds], DIGITS.get(key, 2))
+            for c in cols
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Wall time per stage of the default run, and of GCD (search, explain, evaluate):",
+        "",
+    ]
     lines += ["| stage | " + " | ".join(f"seed {s}" for s in seeds) + " |"]
     lines += ["|---|" + "---|" * len(seeds)]
-    for stage in STAGES:
+    for stage in (*STAGES, "gcd"):
         cells = [results[s]["seconds"].get(stage) for s in seeds]
         if any(c is not None for c in cells):
             lines.append(
@@ -142,16 +174,17 @@ def table(results: dict[int, dict[str, Any]], host: str) -> str:
                 + " | ".join(f"{c:.0f} s" if c is not None else "-" for c in cells)
                 + " |"
             )
-    lines += ["", "Per seed (default / paper):", ""]
-    lines += ["| seed | top-1 flip | recovery | leakage | paper top-1 flip | paper recovery |"]
+    lines += ["", "Per seed:", ""]
+    lines += ["| seed | method | top-1 delta-p | top-1 flip | recovery | leakage |"]
     lines += ["|---|---|---|---|---|---|"]
     for s in seeds:
-        d, p = results[s]["default"], results[s].get("paper", {})
-        lines.append(
-            f"| {s} | {_stat([d.get('top1_flip_rate')], 2)} | {_stat([d.get('recovery')], 2)} | "
-            f"{_stat([d.get('leakage')], 2)} | {_stat([p.get('top1_flip_rate')], 2)} | "
-            f"{_stat([p.get('recovery')], 2)} |"
-        )
+        for c in cols:
+            m = results[s]["methods"].get(c, {})
+            lines.append(
+                f"| {s} | {c} | {_stat([m.get('top1_delta_p')], 3)} | "
+                f"{_stat([m.get('top1_flip_rate')], 2)} | {_stat([m.get('recovery')], 2)} | "
+                f"{_stat([m.get('leakage')], 2)} |"
+            )
     lines.append(END)
     return "\n".join(lines) + "\n"
 
@@ -172,6 +205,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/quality"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--no-paper", action="store_true", help="skip the paper objective")
+    ap.add_argument("--no-gcd", action="store_true", help="skip the GCD baseline")
     ap.add_argument("--benchmarks", type=Path, default=Path("BENCHMARKS.md"))
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -181,18 +215,22 @@ def main() -> None:
         run = args.out / f"seed{seed}"
         cfg = demo_preset("default", seed)
         run_demo(run, cfg, device, seed=seed)
-        ev = read_json(run / "evaluation.json")
-        results[seed] = {
-            "default": ev["headline"],
-            "reference": reference_numbers(ev),
-            "seconds": seconds(run),
-        }
+        compare = {}
         if not args.no_paper:
             paper = args.out / f"seed{seed}_paper"
             link_upstream(run, paper)
             pcfg = replace(cfg, directions=replace(cfg.directions, objective="paper"))
             run_demo(paper, pcfg, device, seed=seed)
-            results[seed]["paper"] = read_json(paper / "evaluation.json")["headline"]
+            compare[PAPER] = paper
+        if not args.no_gcd:
+            run_gcd(run, cfg, device, seed)
+        ev = refresh_comparison(run, compare)
+        build_report(run)
+        results[seed] = {
+            "headline": ev["headline"],
+            "methods": ev["comparison"]["methods"],
+            "seconds": seconds(run),
+        }
         write_benchmarks(args.benchmarks, table(results, machine()))
     print(args.benchmarks.read_text(encoding="utf-8"))
 
