@@ -110,3 +110,6 @@ def test_gcd_command_end_to_end(demo_run: Path, tmp_path: Path) -> None:
     assert (
         ev["comparison"]["methods"]["GCD"]["top1_flip_rate"] == gcd_ev["directions"][0]["flip_rate"]
     )
+    assert main(["report", "--run", str(run)]) == 0
+    html = (run / "report.html").read_text(encoding="utf-8")
+    assert 'id="baseline-gcd"' in html and "Side by side" in html

@@ -326,3 +326,21 @@ def test_pairs_mapped_to_no_flags_stay_rankable():
     clean[(0, 1)] = ["noise +4.0 sd"]
     ranked = attfind(eff, 1, M=4, threshold=0.1, threshold_step=0.02, flagged=clean)
     assert (0, 1) not in [(d.direction, d.sign) for d in ranked]
+
+
+def test_smallest_alpha_bisects_down_and_never_enlarges() -> None:
+    from diffex.explain.rank import smallest_alpha
+
+    seen: list[float] = []
+
+    def flip_at(a: float) -> float:  # flip rate rises linearly, reaching 0.6 at alpha 1.2
+        seen.append(a)
+        return min(1.0, a / 2.0)
+
+    r = smallest_alpha(flip_at, 2.0, 0.6, steps=5)
+    assert r["reached"]
+    assert 1.2 <= r["alpha"] <= 1.2 + 2.0 / 2**5
+    assert flip_at(r["alpha"]) >= 0.6
+    assert seen[0] == 2.0 and len(r["trace"]) == 6
+    weak = smallest_alpha(lambda a: 0.3, 2.0, 0.6, steps=5)
+    assert weak == {"alpha": 2.0, "reached": False, "trace": [{"alpha": 2.0, "flip_rate": 0.3}]}

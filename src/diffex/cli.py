@@ -490,6 +490,20 @@ def train_directions_cmd(opts: Options, run: Path, **kw: Any) -> None:
     help="DDIM steps for encoding and decoding.",
 )
 @click.option(
+    "--calibrate/--no-calibrate",
+    default=True,
+    show_default=True,
+    help="Shrink each ranked direction's alpha (never above the ranking alpha) to the smallest "
+    "that flips --flip-target of validation cells.",
+)
+@click.option(
+    "--flip-target",
+    type=float,
+    default=0.6,
+    show_default=True,
+    help="Share of validation cells the calibrated edit must flip.",
+)
+@click.option(
     "--keep-flagged",
     is_flag=True,
     help="Rank directions the artifact guard flags (noise, background) too.",
@@ -521,6 +535,7 @@ def _print_ranking(result: dict[str, Any]) -> None:
         click.echo(
             f"  {d['rank']}. direction {d['direction']} ({'+' if d['sign'] > 0 else '-'}): "
             f"delta-p {d['mean_delta_p']:+.3f}, flip rate {d['flip_rate']:.2f}{flags}"
+            + (f"; calibrated alpha {d['alpha']:.2f}" if "alpha" in d else "")
         )
     if not result["directions"]:
         click.echo("  no direction passed the threshold")

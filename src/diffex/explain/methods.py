@@ -122,7 +122,7 @@ def load_direction_set(
                 Item(
                     f"rank{d['rank']}_dir{k}{s}",
                     f"rank {d['rank']}: direction {k} ({s})",
-                    alpha,
+                    float(d.get("alpha", alpha)),
                     _learned(editor, k, sign),
                 )
             )
@@ -130,7 +130,7 @@ def load_direction_set(
         ref = Item(
             REFERENCE,
             "reference: class-mean direction",
-            alpha,
+            float((ranking.get("reference") or {}).get("alpha", alpha)),
             _constant(space.towards(target)),
             True,
         )

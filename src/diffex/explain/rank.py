@@ -42,9 +42,17 @@ class RankConfig:
     threshold: float = 0.25
     batch_size: int = 128
     keep_flagged: bool = False
+    calibrate: bool = True
+    flip_target: float = 0.6
+    calibration_images: int = 32
+    calibration_steps: int = 4
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not 0 < self.flip_target <= 1:
+            raise DiffexError(f"flip_target must be in (0, 1], got {self.flip_target}")
+        if self.calibration_images < 1 or self.calibration_steps < 1:
+            raise DiffexError("calibration_images and calibration_steps must be >= 1")
         if self.m < 1:
             raise DiffexError(f"m (directions to rank) must be >= 1, got {self.m}")
         if self.n_images < 1 or self.ddim_steps < 1:
@@ -175,6 +183,9 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
     reference = class_mean_reference(
         editor, z, x_T, decode, probs, target, alpha, effects.p_recon(target), effects.pred_recon
     )
+    ranked_dicts = [{**r.to_dict(), "alpha": alpha} for r in ranked]
+    if cfg.calibrate:
+        calibrate_alphas(ranked_dicts, reference, editor, ae, plan, target, alpha, cfg, probs)
     result = {
         "target_class": plan.classes[target],
         "target_index": target,
@@ -182,7 +193,7 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
         "n_images": len(x),
         "ddim_steps": cfg.ddim_steps,
         "source_classes": [c for i, c in enumerate(plan.classes) if i != target],
-        "directions": [r.to_dict() for r in ranked],
+        "directions": ranked_dicts,
         "reference": reference,
         "all_pairs": pairs,
         "unedited_mean_p_target": float(effects.p_recon(target).mean()),
@@ -218,3 +229,71 @@ def class_mean_reference(
         "mean_delta_p": float(delta.mean()),
         "flip_rate": float(flips.mean()),
     }
+
+
+def calibration_images(plan: DataPlan, target: int, n: int, seed: int) -> torch.Tensor:
+    """Validation images of the other classes for alpha calibration (ranking and evaluation use
+    the test split, so the edit size is never tuned on the images it is scored on)."""
+    data = load_split(plan, "val")
+    idx = np.flatnonzero(data.y.numpy() != target)
+    if len(idx) == 0:
+        raise DiffexError("the validation split has no images outside the target class")
+    return data.x[np.sort(np.random.default_rng(seed + 3).permutation(idx)[:n])]
+
+
+def smallest_alpha(flip_at: Any, alpha: float, target: float, steps: int) -> dict[str, Any]:
+    """The smallest alpha in (0, ``alpha``] whose flip rate reaches ``target``, by bisection
+    (``steps`` halvings after checking ``alpha`` itself). If ``alpha`` does not reach it, the
+    edit is not enlarged: returns ``alpha`` with ``reached = False``."""
+    trace = [{"alpha": float(alpha), "flip_rate": float(flip_at(alpha))}]
+    if trace[0]["flip_rate"] < target:
+        return {"alpha": float(alpha), "reached": False, "trace": trace}
+    lo, hi = 0.0, float(alpha)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        f = float(flip_at(mid))
+        trace.append({"alpha": mid, "flip_rate": f})
+        if f >= target:
+            hi = mid
+        else:
+            lo = mid
+    return {"alpha": hi, "reached": True, "trace": trace}
+
+
+def calibrate_alphas(
+    ranked: list[dict[str, Any]],
+    reference: dict[str, Any],
+    editor: LatentEditor,
+    ae: DiffusionAutoencoder,
+    plan: DataPlan,
+    target: int,
+    alpha: float,
+    cfg: RankConfig,
+    probs: Any,
+) -> None:
+    """Give each ranked direction, and the reference, the smallest edit size (at most the
+    training alpha) that flips ``cfg.flip_target`` of held-out validation cells; in place."""
+    x = calibration_images(plan, target, cfg.calibration_images, cfg.seed)
+    info(f"rank: calibrating alpha on {len(x)} validation cells (flip target {cfg.flip_target})")
+    z, x_T = ae.encode(x, steps=cfg.ddim_steps, batch_size=cfg.batch_size)
+    zd = z.to(editor.space.mean.device)
+    p0 = probs(ae.decode(z, x_T, steps=cfg.ddim_steps, batch_size=cfg.batch_size)).numpy()
+    not_target = p0.argmax(1) != target
+
+    def flips(moved: torch.Tensor) -> float:
+        p = probs(
+            ae.decode(moved.to(z.device), x_T, steps=cfg.ddim_steps, batch_size=cfg.batch_size)
+        )
+        return float(((p.argmax(1).numpy() == target) & not_target).mean())
+
+    towards = editor.space.towards(target)
+    jobs: list[tuple[dict[str, Any], Any]] = [
+        (d, lambda a, k=int(d["direction"]), s=int(d["sign"]): flips(editor.edit(zd, k, s, a)))
+        for d in ranked
+    ]
+    jobs.append((reference, lambda a: flips(editor.edit_along(zd, towards, a))))
+    for entry, flip_at in jobs:
+        with torch.no_grad():
+            res = smallest_alpha(flip_at, alpha, cfg.flip_target, cfg.calibration_steps)
+        entry["alpha"] = res["alpha"]
+        entry["calibration"] = {"reached": res["reached"], "trace": res["trace"]}

@@ -220,6 +220,7 @@ def _directions_section(root: Path) -> dict[str, Any] | None:
                 "delta_p": _fmt(d.get("mean_delta_p")),
                 "flip": _fmt(d.get("flip_rate"), 2),
                 "explained": d.get("n_explained", ""),
+                "alpha": _fmt(d.get("alpha", ranking.get("alpha")), 2),
                 "flags": ", ".join(d.get("artifact_flags") or []),
                 "changes": _top_changes(entries.get(name, {})),
             }
@@ -230,6 +231,7 @@ def _directions_section(root: Path) -> dict[str, Any] | None:
         reference = {
             "delta_p": _fmt(ref.get("mean_delta_p")),
             "flip": _fmt(ref.get("flip_rate"), 2),
+            "alpha": _fmt(ref.get("alpha", ranking.get("alpha")), 2),
             "changes": _top_changes(entries.get("reference_class_mean", {})),
         }
     flagged = [p for p in ranking.get("all_pairs", []) if p.get("artifact_flags")]
@@ -243,6 +245,34 @@ def _directions_section(root: Path) -> dict[str, Any] | None:
         "n_flagged": len(flagged),
         "unedited_p": _fmt(ranking.get("unedited_mean_p_target")),
     }
+
+
+def _gcd_section(root: Path) -> dict[str, Any] | None:
+    """The GCD baseline's ranked directions with their strips, when it has been run."""
+    folder = root / "baselines" / "gcd"
+    ranking = _json(folder / "ranking.json")
+    if not ranking:
+        return None
+    summary = _json(folder / "explanations" / "summary.json") or {"items": []}
+    entries = {e.get("name"): e for e in summary.get("items", []) if isinstance(e, dict)}
+    rows = []
+    for d in ranking.get("directions", []):
+        name = f"rank{d.get('rank')}_{d.get('name')}"
+        entry = entries.get(name, {})
+        rows.append(
+            {
+                "rank": d.get("rank"),
+                "name": str(d.get("name", "")),
+                "step": _fmt(d.get("step"), 2) + ("" if d.get("crossed") else " (no crossing)"),
+                "delta_p": _fmt(d.get("mean_delta_p")),
+                "flip": _fmt(d.get("flip_rate"), 2),
+                "changes": _top_changes(entry),
+                "strip": data_uri(root / entry["folder"] / "strip.png")
+                if entry.get("folder")
+                else None,
+            }
+        )
+    return {"rows": rows, "distance": str(ranking.get("distance", ""))}
 
 
 def _evaluation_section(root: Path) -> dict[str, Any] | None:
@@ -347,6 +377,7 @@ def build_report(run: str | Path, out: str | Path | None = None) -> Path:
         "classifier": _classifier_section(root),
         "autoencoder": _autoencoder_section(root),
         "directions": _directions_section(root),
+        "gcd": _gcd_section(root),
         "evaluation": _evaluation_section(root),
     }
     if not any(context[k] for k in ("data", "classifier", "autoencoder", "directions")):
