@@ -46,13 +46,14 @@ class RankConfig:
     flip_target: float = 0.6
     calibration_images: int = 32
     calibration_steps: int = 4
+    calibration_ddim_steps: int = 10
     seed: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.flip_target <= 1:
             raise DiffexError(f"flip_target must be in (0, 1], got {self.flip_target}")
-        if self.calibration_images < 1 or self.calibration_steps < 1:
-            raise DiffexError("calibration_images and calibration_steps must be >= 1")
+        if min(self.calibration_images, self.calibration_steps, self.calibration_ddim_steps) < 1:
+            raise DiffexError("calibration images, steps and DDIM steps must be >= 1")
         if self.m < 1:
             raise DiffexError(f"m (directions to rank) must be >= 1, got {self.m}")
         if self.n_images < 1 or self.ddim_steps < 1:
@@ -275,15 +276,14 @@ def calibrate_alphas(
     training alpha) that flips ``cfg.flip_target`` of held-out validation cells; in place."""
     x = calibration_images(plan, target, cfg.calibration_images, cfg.seed)
     info(f"rank: calibrating alpha on {len(x)} validation cells (flip target {cfg.flip_target})")
-    z, x_T = ae.encode(x, steps=cfg.ddim_steps, batch_size=cfg.batch_size)
+    steps = cfg.calibration_ddim_steps
+    z, x_T = ae.encode(x, steps=steps, batch_size=cfg.batch_size)
     zd = z.to(editor.space.mean.device)
-    p0 = probs(ae.decode(z, x_T, steps=cfg.ddim_steps, batch_size=cfg.batch_size)).numpy()
+    p0 = probs(ae.decode(z, x_T, steps=steps, batch_size=cfg.batch_size)).numpy()
     not_target = p0.argmax(1) != target
 
     def flips(moved: torch.Tensor) -> float:
-        p = probs(
-            ae.decode(moved.to(z.device), x_T, steps=cfg.ddim_steps, batch_size=cfg.batch_size)
-        )
+        p = probs(ae.decode(moved.to(z.device), x_T, steps=steps, batch_size=cfg.batch_size))
         return float(((p.argmax(1).numpy() == target) & not_target).mean())
 
     towards = editor.space.towards(target)
