@@ -186,3 +186,37 @@ def test_evaluate_without_ranking_is_one_line(
     assert main(["evaluate", "--run", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(run) in err
+
+
+def test_abs_cosine_matrix_by_hand() -> None:
+    from diffex.evaluate.disentangle import abs_cosine_matrix, max_off_diagonal
+
+    m = abs_cosine_matrix(np.array([[1.0, 0.0], [1.0, 1.0], [0.0, -2.0]]))
+    r = 1 / np.sqrt(2)
+    np.testing.assert_allclose(m, [[1, r, 0], [r, 1, r], [0, r, 1]], atol=1e-12)
+    assert max_off_diagonal(m, 2) == pytest.approx(r)
+    assert np.isnan(max_off_diagonal(m, 1))
+
+
+def test_pixel_metrics_and_agreement_by_hand() -> None:
+    from diffex.evaluate.fidelity import classifier_agreement, pixel_metrics
+
+    x = -torch.ones(2, 3, 16, 16)  # 0 on the [0, 1] scale
+    y = x + 0.2  # 0.1 on the [0, 1] scale
+    m = pixel_metrics(x, y)
+    assert m["mse"] == pytest.approx(0.01, rel=1e-5)
+    assert m["psnr"] == pytest.approx(20.0, abs=1e-4)
+    assert pixel_metrics(x, x)["ssim"] == pytest.approx(1.0)
+
+    class Stub:
+        def probs(self, t: torch.Tensor) -> torch.Tensor:  # p(class 1) = mean pixel on 0..1
+            p1 = ((t + 1) / 2).mean(dim=(1, 2, 3))
+            return torch.stack([1 - p1, p1], 1)
+
+    a = torch.tensor([-1.0, 0.6]).reshape(2, 1, 1, 1)  # p1 = 0 and 0.8
+    b = torch.tensor([0.0, 0.6]).reshape(2, 1, 1, 1)  # p1 = 0.5 and 0.8
+    agree = classifier_agreement(Stub(), a, b)
+    # image 1: argmax 0 -> tie at 0.5 (argmax 0): agrees; image 2 identical
+    assert agree["agreement"] == 1.0
+    kl1 = 1.0 * np.log(1.0 / 0.5)  # KL([1, 0] || [0.5, 0.5])
+    assert agree["kl"] == pytest.approx(kl1 / 2, rel=1e-5)

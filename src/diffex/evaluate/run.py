@@ -14,6 +14,7 @@ from diffex.data.loading import DataPlan, load_split
 from diffex.data.spec import load_spec
 from diffex.errors import DiffexError
 from diffex.evaluate.counterfactual import cout, effect, proximity
+from diffex.evaluate.disentangle import abs_cosine_matrix, max_off_diagonal
 from diffex.evaluate.features import classifier_features, imagenet_space
 from diffex.evaluate.fidelity import classifier_agreement, pixel_metrics
 from diffex.evaluate.groundtruth import expected_signs, recovery
@@ -231,8 +232,7 @@ def evaluate_run(
     with torch.no_grad():
         zs = space.standardise(zd)
         shifts = torch.stack([(space.standardise(m.move(space, zd)) - zs).mean(0) for m in items])
-    shifts = torch.nn.functional.normalize(shifts, dim=1)
-    cosm = (shifts @ shifts.T).abs().cpu().numpy()
+    cosm = abs_cosine_matrix(shifts.cpu())
     feats = _explain_features(dset.folder)
     features = sorted({f for d in feats.values() for f in d})
     rho = [
@@ -240,12 +240,10 @@ def evaluate_run(
         for n in names
     ]
     learned_names = [m.name for m in dset.items]
-    n_l = len(dset.items)
-    off = cosm[:n_l, :n_l][~np.eye(n_l, dtype=bool)]
     result["disentanglement"] = {
         "names": names,
         "abs_cos": cosm.tolist(),
-        "max_abs_cos_between_directions": float(off.max()) if off.size else float("nan"),
+        "max_abs_cos_between_directions": max_off_diagonal(cosm, len(dset.items)),
         "features": features,
         "rho": rho,
         "source": "explanations/summary.json" if feats else None,
