@@ -49,9 +49,10 @@ def hostile_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_report_is_self_contained(demo_run: Path) -> None:
     html = (demo_run / "report.html").read_text(encoding="utf-8")
-    for section in ("summary", "classifier", "autoencoder", "directions"):
+    for section in ("summary", "classifier", "autoencoder", "directions", "evaluation"):
         assert f'<section id="{section}">' in html
-    assert 'id="evaluation"' not in html  # no evaluation.json in this run: left out
+    assert "Side by side" in html  # DiffEx beside the class-mean reference
+    assert 'id="baseline-gcd"' not in html  # GCD has not run here: left out
     sources = re.findall(r'src="([^"]*)"', html)
     assert sources and all(s.startswith("data:image/") for s in sources)
     assert "http://" not in html and "https://" not in html
@@ -62,6 +63,7 @@ def test_missing_sections_are_left_out(hostile_run: Path) -> None:
     html = (hostile_run / "report.html").read_text(encoding="utf-8")
     assert '<section id="classifier">' in html
     assert 'id="autoencoder"' not in html and 'id="directions"' not in html
+    assert 'id="evaluation"' not in html  # no evaluation.json in this run
 
 
 def test_user_text_is_escaped(hostile_run: Path) -> None:
