@@ -220,3 +220,14 @@ def test_pixel_metrics_and_agreement_by_hand() -> None:
     assert agree["agreement"] == 1.0
     kl1 = 1.0 * np.log(1.0 / 0.5)  # KL([1, 0] || [0.5, 0.5])
     assert agree["kl"] == pytest.approx(kl1 / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("compare", ["nolabel", "other=/nonexistent/run"])
+def test_bad_compare_is_one_line_before_any_work(
+    demo_run: Path, compare: str, capsys: pytest.CaptureFixture
+) -> None:
+    before = (demo_run / "evaluation.json").stat().st_mtime_ns
+    assert main(["evaluate", "--run", str(demo_run), "--compare", compare]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and compare.split("=")[-1] in err
+    assert (demo_run / "evaluation.json").stat().st_mtime_ns == before  # nothing rewritten

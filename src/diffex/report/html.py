@@ -282,7 +282,12 @@ def _evaluation_section(root: Path) -> dict[str, Any] | None:
     figures = sorted((root / "evaluation").glob("*.png")) if (root / "evaluation").is_dir() else []
     head = ev.get("headline") if isinstance(ev.get("headline"), dict) else {}
     flat = [(k, _fmt(v)) for k, v in ev.items() if isinstance(v, int | float | str)]
-    flat += [(k.replace("_", " "), _fmt(v)) for k, v in head.items()]
+    shown_beside = ("top1_", "reference_", "recovery", "leakage", "sufficiency", "n_directions")
+    flat += [
+        (k.replace("_", " "), _fmt(v))
+        for k, v in head.items()
+        if not (isinstance(ev.get("comparison"), dict) and k.startswith(shown_beside))
+    ]
     sets = (ev.get("realism") or {}).get("sets") or {}
 
     def dist(name: str, space: str) -> str:
