@@ -12,7 +12,9 @@ from rich.table import Table
 def _f(x: Any, fmt: str = ".3f") -> str:
     if x is None or (isinstance(x, float) and x != x):
         return "-"
-    return format(x, fmt) if isinstance(x, int | float) else str(x)
+    if isinstance(x, int) and not isinstance(x, bool):
+        return str(x)
+    return format(x, fmt) if isinstance(x, float) else str(x)
 
 
 def evaluation_tables(result: dict[str, Any]) -> list[Table]:
@@ -44,6 +46,7 @@ def evaluation_tables(result: dict[str, Any]) -> list[Table]:
     rows = Table(title="per direction")
     for col in (
         "direction",
+        "alpha",
         "delta-p",
         "flip",
         "L1",
@@ -60,6 +63,7 @@ def evaluation_tables(result: dict[str, Any]) -> list[Table]:
         rs = real.get(r["name"], {})
         rows.add_row(
             r["name"],
+            _f(r.get("alpha"), ".2f"),
             _f(r["mean_delta_p"], "+.3f"),
             _f(r["flip_rate"], ".2f"),
             _f(r["proximity"]["l1"], ".4f"),
@@ -74,6 +78,7 @@ def evaluation_tables(result: dict[str, Any]) -> list[Table]:
         rs = real.get(name, {})
         rows.add_row(
             f"({name.replace('_', ' ')})",
+            "",
             "",
             "",
             "",

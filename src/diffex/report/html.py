@@ -303,6 +303,7 @@ def _evaluation_section(root: Path) -> dict[str, Any] | None:
         rows.append(
             {
                 "name": str(d.get("name", "")),
+                "alpha": _fmt(d.get("alpha"), 2),
                 "delta_p": _fmt(d.get("mean_delta_p")),
                 "flip": _fmt(d.get("flip_rate"), 2),
                 "l1": _fmt((d.get("proximity") or {}).get("l1"), 4),
@@ -318,7 +319,7 @@ def _evaluation_section(root: Path) -> dict[str, Any] | None:
             rows.append(
                 {
                     "name": f"({name.replace('_', ' ')})",
-                    **dict.fromkeys(("delta_p", "flip", "l1", "cout", "hf", "bg"), ""),
+                    **dict.fromkeys(("alpha", "delta_p", "flip", "l1", "cout", "hf", "bg"), ""),
                     "clf": dist(name, "classifier"),
                     "imagenet": dist(name, "imagenet"),
                 }
