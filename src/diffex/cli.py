@@ -809,6 +809,18 @@ def _print_demo(summary: dict[str, Any]) -> None:
             for t in item["top_changes"]
         )
         click.echo(f"  {item['name']}: {changes or 'no measured change'}")
+    ev = summary.get("evaluate") or {}
+    if ev:
+        parts = [
+            f"{label} {ev[key]:.2f}"
+            for key, label in (
+                ("top1_flip_rate", "top-1 flip rate"),
+                ("recovery", "ground-truth recovery"),
+                ("leakage", "leakage"),
+            )
+            if isinstance(ev.get(key), int | float)
+        ]
+        click.echo("evaluation: " + (", ".join(parts) or "see evaluation.json"))
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in summary.get("timings", {}).items())
     if timings:
         click.echo(f"time: {timings}")
