@@ -231,3 +231,17 @@ def test_bad_compare_is_one_line_before_any_work(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and compare.split("=")[-1] in err
     assert (demo_run / "evaluation.json").stat().st_mtime_ns == before  # nothing rewritten
+
+
+def test_compare_with_another_classifier_is_refused(
+    demo_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(demo_run, other)
+    with open(other / "classifier" / "model.safetensors", "ab") as fh:
+        fh.write(b"\0")  # different bytes: not the same classifier
+    assert main(["evaluate", "--run", str(demo_run), "--compare", f"x={other}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "classifier/model.safetensors differs" in err

@@ -113,3 +113,10 @@ def test_gcd_command_end_to_end(demo_run: Path, tmp_path: Path) -> None:
     assert main(["report", "--run", str(run)]) == 0
     html = (run / "report.html").read_text(encoding="utf-8")
     assert 'id="baseline-gcd"' in html and "Side by side" in html
+
+
+def test_gcd_bad_settings_are_one_line(demo_run: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["baseline", "gcd", "--run", str(demo_run), "--source-images", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "source_images" in err
+    assert not (demo_run / "baselines").exists()

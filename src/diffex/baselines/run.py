@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from diffex.baselines.gcd import GCDConfig, line_search, search
@@ -16,7 +15,7 @@ from diffex.data.loading import DataPlan, load_split
 from diffex.errors import DiffexError
 from diffex.evaluate.counterfactual import effect
 from diffex.explain.methods import method_folder
-from diffex.explain.rank import prober, resolve_target, source_images
+from diffex.explain.rank import prober, resolve_target, source_images, source_split
 from diffex.io.atomic import write_json
 from diffex.io.checkpoint import save_weights
 from diffex.log import info, track
@@ -58,17 +57,6 @@ def fit_space(ae: DiffusionAutoencoder, plan: DataPlan) -> LatentSpace:
     return LatentSpace(z.shape[1], len(plan.classes)).fit(z, train.y)
 
 
-def _search_images(plan: DataPlan, target: int, n: int, seed: int) -> torch.Tensor:
-    """Source images for the search, from the validation split (the global evaluation uses the
-    test split, so search and evaluation never share an image)."""
-    data = load_split(plan, "val")
-    idx = np.flatnonzero(data.y.numpy() != target)
-    if len(idx) == 0:
-        raise DiffexError("the validation split has no images outside the target class")
-    idx = np.sort(np.random.default_rng(seed + 11).permutation(idx)[:n])
-    return data.x[idx]
-
-
 def _log_odds(p: torch.Tensor) -> torch.Tensor:
     p = p.clamp(1e-6, 1 - 1e-6)
     return torch.log(p) - torch.log1p(-p)
@@ -94,7 +82,8 @@ def gcd_run(run: str | Path, cfg: GCDRunConfig, device: torch.device) -> dict[st
     candidates: list[dict[str, Any]] = []
     vectors: list[torch.Tensor] = []
     fits: list[dict[str, Any]] = []
-    xs = _search_images(plan, target, cfg.source_images, cfg.seed)
+    # validation images: the global ranking and evaluation use the test split
+    xs, _, _ = source_split(plan, target, cfg.source_images, cfg.seed + 11, split="val")
     for j in track(range(len(xs)), "gcd: source images", total=len(xs)):
         z, x_T = ae.encode(xs[j : j + 1], steps=steps, batch_size=bs)
         z = z.to(device)

@@ -10,7 +10,7 @@ import torch
 
 from diffex.data.display import DEFAULT_COLORS, hex_to_rgb
 from diffex.models.efficientnet import INPUT_SIZE, imagenet_features
-from diffex.models.protocol import Classifier
+from diffex.models.protocol import Classifier, classifier_device
 
 
 def rgb_composite(x: torch.Tensor, colors: Sequence[str] | None = None) -> torch.Tensor:
@@ -30,9 +30,7 @@ def classifier_features(
     classifier: Classifier, x: torch.Tensor, batch_size: int = 256
 ) -> np.ndarray:
     """Penultimate features of the explained classifier, (N, feature_dim)."""
-    device = (
-        next(iter(classifier.parameters())).device if hasattr(classifier, "parameters") else "cpu"
-    )
+    device = classifier_device(classifier)
     out = [
         classifier.features(x[i : i + batch_size].to(device)).float().cpu()
         for i in range(0, len(x), batch_size)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from skimage.metrics import structural_similarity
 
-from diffex.models.protocol import Classifier
+from diffex.models.protocol import Classifier, classifier_device
 
 
 def pixel_metrics(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -27,9 +27,7 @@ def classifier_agreement(
     classifier: Classifier, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256
 ) -> dict[str, float]:
     """Share of images whose predicted class is unchanged, and mean KL(C(x) || C(y))."""
-    device = (
-        next(iter(classifier.parameters())).device if hasattr(classifier, "parameters") else "cpu"
-    )
+    device = classifier_device(classifier)
     p, q = [], []
     for i in range(0, len(x), batch_size):
         p.append(classifier.probs(x[i : i + batch_size].to(device)).float().cpu())

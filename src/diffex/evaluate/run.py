@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffex.data.loading import DataPlan, load_split
+from diffex.data.loading import DataPlan, SplitData, load_split
 from diffex.data.spec import load_spec
 from diffex.errors import DiffexError
 from diffex.evaluate.counterfactual import cout, effect, proximity
@@ -21,7 +21,7 @@ from diffex.evaluate.groundtruth import expected_signs, recovery
 from diffex.evaluate.plots import cos_heatmap, cout_curves, rho_heatmap, sufficiency_curve
 from diffex.evaluate.realism import frechet_distance, kid
 from diffex.explain.methods import METHODS, REFERENCE, load_direction_set, method_folder
-from diffex.explain.rank import prober, source_split
+from diffex.explain.rank import heldout_split, pick_other_classes, prober
 from diffex.explain.ranking import artifact_measures, artifact_z, reference_spread
 from diffex.io.atomic import read_json, write_json
 from diffex.log import info, track
@@ -57,9 +57,9 @@ class EvaluateConfig:
             raise DiffexError(f"evaluate: imagenet_size must be >= 32, got {self.imagenet_size}")
 
 
-def _fidelity(ae: DiffusionAutoencoder, plan: DataPlan, cfg: EvaluateConfig) -> dict[str, Any]:
-    split = "test" if plan.splits.get("test") else "val"
-    data = load_split(plan, split)
+def _fidelity(
+    ae: DiffusionAutoencoder, data: SplitData, split: str, cfg: EvaluateConfig
+) -> dict[str, Any]:
     idx = np.sort(np.random.default_rng(cfg.seed).permutation(len(data.y))[: cfg.n_images])
     x = data.x[idx]
     info(f"evaluate: fidelity round trip of {len(x)} {split} images ({cfg.ddim_steps} DDIM steps)")
@@ -161,9 +161,12 @@ def evaluate_run(
         "alpha": float(dset.ranking["alpha"]),
         "config": asdict(cfg),
     }
-    result["fidelity"] = _fidelity(ae, plan, cfg)
+    split = heldout_split(plan)
+    held = load_split(plan, split)  # fidelity, source cells and real target cells all come from it
+    result["fidelity"] = _fidelity(ae, held, split, cfg)
 
-    x, y_src, _ = source_split(plan, target, cfg.n_images, cfg.seed)
+    sidx = pick_other_classes(held, split, target, cfg.n_images, cfg.seed)
+    x, y_src = held.x[sidx], held.y.numpy()[sidx]
     info(f"evaluate: encoding {len(x)} source images")
     z, x_T = ae.encode(x, steps=cfg.ddim_steps, batch_size=cfg.batch_size)
     zd = z.to(space.mean.device)
@@ -181,8 +184,10 @@ def evaluate_run(
     edited: dict[str, torch.Tensor] = {}
     rows: list[dict[str, Any]] = []
     cout_plot: dict[str, dict[str, np.ndarray]] = {}
+    moved: dict[str, torch.Tensor] = {}
     for item in track(items, "evaluate: edits", total=len(items)):
-        xe = decode(item.move(space, zd))
+        moved[item.name] = item.move(space, zd)
+        xe = decode(moved[item.name])
         edited[item.name] = xe
         pe = probs(xe).numpy()
         c = cout(probs, recon, xe, y_src, target, steps=cfg.cout_steps)
@@ -211,27 +216,26 @@ def evaluate_run(
     suff = []
     zc = zd
     for i, item in enumerate(dset.items):
-        zc = item.move(space, zc)
+        zc = moved[item.name] if i == 0 else item.move(space, zc)
         xe = edited[item.name] if i == 0 else decode(zc)
         suff.append({"m": i + 1, **effect(p_recon, probs(xe).numpy(), target)})
     result["sufficiency"] = suff
 
     # realism against real held-out images of the target class
-    val = load_split(plan, "test" if plan.splits.get("test") else "val")
-    tidx = np.flatnonzero(val.y.numpy() == target)
+    tidx = np.flatnonzero(held.y.numpy() == target)
     tidx = np.sort(np.random.default_rng(cfg.seed + 7).permutation(tidx)[: cfg.n_real])
     if len(tidx) < 2:
         raise DiffexError(
             f"evaluate: fewer than 2 held-out images of class {plan.classes[target]!r}"
         )
     sets = {"real_source": x, "reconstruction": recon, **edited}
-    result["realism"] = _realism(sets, val.x[tidx], ae, plan, cfg)
+    result["realism"] = _realism(sets, held.x[tidx], ae, plan, cfg)
 
     # disentanglement: mean shift vectors in standardised z, and measurements along alpha
     names = [m.name for m in items]
     with torch.no_grad():
         zs = space.standardise(zd)
-        shifts = torch.stack([(space.standardise(m.move(space, zd)) - zs).mean(0) for m in items])
+        shifts = torch.stack([(space.standardise(moved[m.name]) - zs).mean(0) for m in items])
     cosm = abs_cosine_matrix(shifts.cpu())
     feats = _explain_features(dset.folder)
     features = sorted({f for d in feats.values() for f in d})

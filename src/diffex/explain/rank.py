@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffex.data.loading import DataPlan, load_split
+from diffex.data.loading import DataPlan, SplitData, load_split
 from diffex.errors import DiffexError
+from diffex.evaluate.counterfactual import effect
 from diffex.explain.ranking import (
     SIGNS,
     artifact_flags,
@@ -80,16 +81,27 @@ def source_images(plan: DataPlan, target: int, n: int, seed: int) -> tuple[torch
     return x, paths
 
 
-def source_split(
-    plan: DataPlan, target: int, n: int, seed: int
-) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-    """:func:`source_images` with the images' class indices: (x, y, paths)."""
-    split = "test" if plan.splits.get("test") else "val"
-    data = load_split(plan, split)
+def heldout_split(plan: DataPlan) -> str:
+    """The split explanations are scored on: test, else validation."""
+    return "test" if plan.splits.get("test") else "val"
+
+
+def pick_other_classes(data: SplitData, split: str, target: int, n: int, seed: int) -> np.ndarray:
+    """Sorted indices of up to ``n`` seeded-random images of ``data`` outside the target class."""
     idx = np.flatnonzero(data.y.numpy() != target)
     if len(idx) == 0:
         raise DiffexError(f"the {split} split has no images outside the target class")
-    idx = np.sort(np.random.default_rng(seed).permutation(idx)[:n])
+    return np.sort(np.random.default_rng(seed).permutation(idx)[:n])
+
+
+def source_split(
+    plan: DataPlan, target: int, n: int, seed: int, split: str | None = None
+) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """:func:`source_images` with the images' class indices: (x, y, paths); ``split`` defaults
+    to :func:`heldout_split`."""
+    split = split or heldout_split(plan)
+    data = load_split(plan, split)
+    idx = pick_other_classes(data, split, target, n, seed)
     return data.x[idx], data.y.numpy()[idx], [data.paths[i] for i in idx]
 
 
@@ -232,16 +244,6 @@ def class_mean_reference(
     }
 
 
-def calibration_images(plan: DataPlan, target: int, n: int, seed: int) -> torch.Tensor:
-    """Validation images of the other classes for alpha calibration (ranking and evaluation use
-    the test split, so the edit size is never tuned on the images it is scored on)."""
-    data = load_split(plan, "val")
-    idx = np.flatnonzero(data.y.numpy() != target)
-    if len(idx) == 0:
-        raise DiffexError("the validation split has no images outside the target class")
-    return data.x[np.sort(np.random.default_rng(seed + 3).permutation(idx)[:n])]
-
-
 def smallest_alpha(flip_at: Any, alpha: float, target: float, steps: int) -> dict[str, Any]:
     """The smallest alpha in (0, ``alpha``] whose flip rate reaches ``target``, by bisection
     (``steps`` halvings after checking ``alpha`` itself). If ``alpha`` does not reach it, the
@@ -274,17 +276,18 @@ def calibrate_alphas(
 ) -> None:
     """Give each ranked direction, and the reference, the smallest edit size (at most the
     training alpha) that flips ``cfg.flip_target`` of held-out validation cells; in place."""
-    x = calibration_images(plan, target, cfg.calibration_images, cfg.seed)
+    # validation cells: ranking and evaluation use the test split, so the edit size is never
+    # tuned on the images it is scored on
+    x, _, _ = source_split(plan, target, cfg.calibration_images, cfg.seed + 3, split="val")
     info(f"rank: calibrating alpha on {len(x)} validation cells (flip target {cfg.flip_target})")
     steps = cfg.calibration_ddim_steps
     z, x_T = ae.encode(x, steps=steps, batch_size=cfg.batch_size)
     zd = z.to(editor.space.mean.device)
     p0 = probs(ae.decode(z, x_T, steps=steps, batch_size=cfg.batch_size)).numpy()
-    not_target = p0.argmax(1) != target
 
     def flips(moved: torch.Tensor) -> float:
         p = probs(ae.decode(moved.to(z.device), x_T, steps=steps, batch_size=cfg.batch_size))
-        return float(((p.argmax(1).numpy() == target) & not_target).mean())
+        return float(effect(p0, p.numpy(), target)["flip_rate"])
 
     towards = editor.space.towards(target)
     jobs: list[tuple[dict[str, Any], Any]] = [

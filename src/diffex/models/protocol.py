@@ -31,3 +31,10 @@ class Classifier(Protocol):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate-layer features, shape (N, feature_dim)."""
         ...
+
+
+def classifier_device(classifier: Classifier) -> torch.device:
+    """Where a classifier's weights live (the CPU for a classifier without parameters)."""
+    params = getattr(classifier, "parameters", None)
+    first = next(iter(params()), None) if callable(params) else None
+    return first.device if first is not None else torch.device("cpu")
