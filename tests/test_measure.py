@@ -14,6 +14,7 @@ from diffex.data.measure import (
     FACTOR_MEASURES,
     MEASUREMENTS,
     axial_components,
+    channel_roles,
     measure_batch,
     measure_image,
 )
@@ -106,8 +107,12 @@ def test_channel_mapping_and_blank_images(data):
     assert m == pytest.approx({k: meas[k][0] for k in MEASUREMENTS})
     blank = measure_image(np.full((3, 64, 64), 0.05, dtype=np.float32))
     assert all(np.isnan(v) for v in blank.values())
-    with pytest.raises(DiffexError, match="spots"):
-        measure_image(img, channels={"nucleus": 0, "actin": 1})
+    # a role no channel plays is skipped, the rest is measured the same
+    no_spots = measure_image(img, channels={"nucleus": 0, "actin": 1})
+    assert np.isnan(no_spots["spot_count"])
+    assert no_spots["nucleus_area"] == pytest.approx(meas["nucleus_area"][0])
+    with pytest.raises(DiffexError, match="spots=5"):
+        measure_image(img, channels={"nucleus": 0, "actin": 1, "spots": 5})
     with pytest.raises(DiffexError, match="shape"):
         measure_batch(img)
 
@@ -122,3 +127,25 @@ def test_measurements_are_scale_free():
     for k in ("nucleus_area", "cell_area", "elongation"):
         assert m128[k] == pytest.approx(m64[k], rel=0.1), k
     assert abs(m128["spot_count"] - 12) <= 1 and abs(m64["spot_count"] - 12) <= 1
+
+
+def test_channel_roles_from_declared_roles_or_names():
+    assert channel_roles(["DAPI", "actin", "spots"]) == {"nucleus": 0, "actin": 1, "spots": 2}
+    assert channel_roles(["Hoechst 33342", "tubulin", "Phalloidin"]) == {"nucleus": 0, "actin": 2}
+    assert channel_roles(["ink"]) == {}
+    assert channel_roles(["red", "green", "blue"], ["nucleus", None, "spots"]) == {
+        "nucleus": 0,
+        "spots": 2,
+    }
+
+
+def test_an_object_without_cell_roles_is_measured_from_all_channels():
+    """A digit or a photo: one grey ellipse, no nucleus or spot channel."""
+    yy, xx = np.mgrid[:64, :64] + 0.5
+    ellipse = ((xx - 36) / 20) ** 2 + ((yy - 32) / 10) ** 2 < 1
+    img = np.where(ellipse, 0.8, 0.1)[None].astype(np.float32)
+    m = measure_image(img, channels={})
+    assert m["cell_area"] == pytest.approx(np.pi * 20 * 10, rel=0.05)
+    assert m["elongation"] == pytest.approx(2.0, rel=0.05)
+    assert m["offset_x"] == pytest.approx(4.0, abs=0.3)
+    assert np.isnan(m["nucleus_area"]) and np.isnan(m["spot_count"])

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from diffex.config import build
 from diffex.data.display import DEFAULT_COLORS
 from diffex.data.images import dtype_max, read_image
-from diffex.data.sources import Record, Source, open_source
+from diffex.data.measure import channel_roles
+from diffex.data.sources import ORIENTATIONS, Record, Source, open_source
 from diffex.data.splits import SPLITS, make_splits
 from diffex.errors import DiffexError
 from diffex.io.atomic import read_json, write_json
@@ -91,10 +92,25 @@ class DataPlan:
     labels: dict[str, list[int]]
     groups: dict[str, list[str | None]] = field(default_factory=dict)
     seed: int = 0
+    orientation: str = "any"
+    channel_roles: dict[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.orientation not in ORIENTATIONS:
+            raise DiffexError(
+                f"orientation must be {' or '.join(ORIENTATIONS)}, got {self.orientation!r}"
+            )
 
     @property
     def channels(self) -> int:
         return len(self.channel_names)
+
+    @property
+    def measure_channels(self) -> dict[str, int]:
+        """Channel index of each measuring role (nucleus, actin, spots) that a channel plays."""
+        if self.channel_roles is not None:
+            return dict(self.channel_roles)
+        return channel_roles(self.channel_names)
 
     def save(self, path: Path) -> None:
         d = asdict(self)
@@ -194,6 +210,13 @@ def plan_data(
         labels={s: [labels[i] for i in idx[s]] for s in SPLITS},
         groups={s: [source.records[i].group for i in idx[s]] for s in SPLITS} if groups else {},
         seed=seed,
+        orientation=source.orientation,
+        channel_roles=channel_roles(
+            names,
+            source.channel_roles
+            if source.channel_roles and len(source.channel_roles) == n_ch
+            else None,
+        ),
     )
     model_x = norm.to_model(unit)
     tensors = {
@@ -230,7 +253,7 @@ def _default_colors(n: int) -> list[str]:
     if n == 1:
         return ["#ffffff"]
     if n == 3:
-        return ["#ff3b3b", "#3bd15a", "#3b6cff"]
+        return ["#ff0000", "#00ff00", "#0000ff"]  # RGB photos show in true colour
     return [DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(n)]
 
 

@@ -2,7 +2,10 @@
 
 Works on any (C, H, W) float image in [0, 1] with one cell roughly centred: real crops,
 generated images, or images edited by a diffusion model. Channel roles (``channels`` maps role ->
-channel index; defaults match the default spec: DAPI 0, actin 1, spots 2):
+channel index; defaults match the default spec: DAPI 0, actin 1, spots 2; :func:`channel_roles`
+finds them for other data, and a role no channel plays is skipped: without ``actin`` the object
+is segmented from the mean of all channels, so a digit's or a photo's object gets an area,
+elongation and offset too):
 
 - ``actin``: segments the cell body (smoothed, threshold halfway between background and the cell's
   typical level, largest component, holes filled). Gives ``cell_area``, ``elongation``,
@@ -86,13 +89,38 @@ def _noise_sd(x: np.ndarray) -> float:
     return float(_SQRT_2PI * np.maximum(x - med, 0.0).mean())
 
 
+#: Channel names that say which role a channel plays (lower case, matched as words).
+ROLE_WORDS: dict[str, tuple[str, ...]] = {
+    "nucleus": ("dapi", "hoechst", "nucleus", "nuclei", "nuclear", "dna", "draq5"),
+    "actin": ("actin", "phalloidin", "f-actin", "cytoplasm", "cell", "body", "cellmask"),
+    "spots": ("spots", "puncta", "foci", "spot", "granules"),
+}
+
+
+def channel_roles(names: list[str], declared: list[str | None] | None = None) -> dict[str, int]:
+    """Which channel plays which measuring role: the roles a data set declares (``role`` in its
+    ``dataset.json``), else recognised channel names (DAPI/Hoechst -> nucleus, actin/phalloidin
+    -> actin, spots/puncta/foci -> spots). Roles nothing plays are left out; then the object is
+    segmented from the mean of all channels and the nucleus and spot measurements are NaN."""
+    roles: dict[str, int] = {}
+    for i, role in enumerate(declared or []):
+        if role in ROLE_WORDS and role not in roles:
+            roles[role] = i
+    if roles:
+        return roles
+    for i, name in enumerate(names):
+        words = set(name.lower().replace("_", " ").replace("/", " ").split())
+        for role, keys in ROLE_WORDS.items():
+            if role not in roles and words & set(keys):
+                roles[role] = i
+    return roles
+
+
 def _resolve_channels(channels: Mapping[str, int] | None, c: int) -> dict[str, int]:
     ch = dict(DEFAULT_CHANNELS if channels is None else channels)
-    for role in ("nucleus", "actin", "spots"):
-        if role not in ch:
-            raise DiffexError(f"measure: channels mapping lacks the {role!r} role")
-        if not 0 <= int(ch[role]) < c:
-            raise DiffexError(f"measure: channel {role}={ch[role]} but the image has {c} channels")
+    for role, index in ch.items():
+        if not 0 <= int(index) < c:
+            raise DiffexError(f"measure: channel {role}={index} but the image has {c} channels")
     return ch
 
 
@@ -116,8 +144,8 @@ def measure_image(
     s = 1.0 / scale  # image px per reference px
     out = dict.fromkeys(MEASUREMENTS, float("nan"))
 
-    # Cell body from actin.
-    act = img[ch["actin"]]
+    # Cell body from actin (or, with no actin channel, the object in the mean of all channels).
+    act = img[ch["actin"]] if "actin" in ch else img.mean(axis=0)
     act_s = ndi.gaussian_filter(act, 1.0 * s)
     if act_s.max() - act_s.min() < 1e-6:
         return out
@@ -151,11 +179,11 @@ def measure_image(
     out["rotation"] = float(np.mod(-math.degrees(phi), 180.0))
 
     # Nucleus from DAPI.
-    dapi = img[ch["nucleus"]]
-    dapi_s = ndi.gaussian_filter(dapi, 0.7 * s)
     region = ndi.binary_dilation(cell, iterations=max(1, round(2 * s)))
-    vals = dapi_s[region]
-    if vals.max() - vals.min() > 1e-6:
+    dapi = img[ch["nucleus"]] if "nucleus" in ch else None
+    dapi_s = ndi.gaussian_filter(dapi, 0.7 * s) if dapi is not None else None
+    vals = dapi_s[region] if dapi_s is not None else np.zeros(1)
+    if dapi is not None and dapi_s is not None and vals.max() - vals.min() > 1e-6:
         n0 = region & (dapi_s > threshold_otsu(vals))
         bgn = bgs[ch["nucleus"]]
         plateau = np.median(dapi_s[n0])
@@ -165,11 +193,13 @@ def measure_image(
             core = ndi.binary_erosion(nuc, iterations=max(1, round(1.5 * s)))
             core = core if core.sum() >= 4 else nuc
             out["brightness"] = float(dapi[core].mean() - bgn)
-            if out["brightness"] > 1e-6:
+            if out["brightness"] > 1e-6 and "actin" in ch:
                 act_mean = act[cell].mean() - bgs[ch["actin"]]
                 out["actin_intensity"] = float(act_mean / out["brightness"])
 
     # Puncta.
+    if "spots" not in ch:
+        return out
     sp = img[ch["spots"]]
     sig = spot_sigma * s
     sp_s = ndi.gaussian_filter(sp, sig)

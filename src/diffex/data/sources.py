@@ -13,6 +13,8 @@ from diffex.errors import DiffexError
 from diffex.io.atomic import read_json
 from diffex.log import warn
 
+ORIENTATIONS = ("any", "upright")
+
 
 @dataclass
 class Record:
@@ -33,6 +35,8 @@ class Source:
     channel_names: list[str] | None = None
     channel_colors: list[str] | None = None
     extra: dict = field(default_factory=dict)
+    orientation: str = "any"
+    channel_roles: list[str | None] | None = None
 
     @property
     def has_groups(self) -> bool:
@@ -143,10 +147,19 @@ def _read_dataset_json(source: Source) -> None:
     if not meta_path.is_file():
         return
     meta = read_json(meta_path)
+    orientation = meta.get("orientation", "any") if isinstance(meta, dict) else "any"
+    if orientation not in ORIENTATIONS:
+        raise DiffexError(
+            f"{meta_path} orientation must be {' or '.join(ORIENTATIONS)}, got {orientation!r}"
+        )
+    source.orientation = orientation
     channels = meta.get("channels") if isinstance(meta, dict) else None
     if isinstance(channels, list) and channels:
         source.channel_names = [str(c.get("name", f"ch{i}")) for i, c in enumerate(channels)]
         source.channel_colors = [
             str(c.get("color", DEFAULT_COLORS[i % len(DEFAULT_COLORS)]))
             for i, c in enumerate(channels)
+        ]
+        source.channel_roles = [
+            str(c["role"]) if isinstance(c, dict) and c.get("role") else None for c in channels
         ]

@@ -3,6 +3,7 @@ the probability curve, a difference map, per-channel panels and the morphology r
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,11 +79,13 @@ def sweep(
     return frames.reshape(len(alphas), len(z), *frames.shape[1:])
 
 
-def factor_trends(unit_frames: np.ndarray, alphas: np.ndarray) -> dict[str, dict[str, float]]:
+def factor_trends(
+    unit_frames: np.ndarray, alphas: np.ndarray, channels: Mapping[str, int] | None = None
+) -> dict[str, dict[str, float]]:
     """Spearman rho between alpha and each measurement over all (cell, alpha) pairs."""
     a, n = unit_frames.shape[:2]
     flat = unit_frames.reshape(a * n, *unit_frames.shape[2:])
-    values = measure_batch(flat)
+    values = measure_batch(flat, channels)
     alpha_rep = np.repeat(alphas, n)
     out: dict[str, dict[str, float]] = {}
     for feat in MEASUREMENTS:
@@ -166,9 +169,15 @@ def explain_run(
             unit = plan.normalization.to_unit(frames)
             zero = len(alphas) // 2
             rows = morphology_readout(
-                unit[zero], unit[-1], class_stats, source_name, target_name, seed=cfg.seed
+                unit[zero],
+                unit[-1],
+                class_stats,
+                source_name,
+                target_name,
+                seed=cfg.seed,
+                channels=plan.measure_channels,
             )
-            trends = factor_trends(unit, alphas)
+            trends = factor_trends(unit, alphas, plan.measure_channels)
             for row in rows:
                 row["rho_alpha"] = trends.get(row["feature"], {}).get("rho", float("nan"))
             morphology_table_png(rows, folder / "morphology.png", title=title)
@@ -190,5 +199,6 @@ def _class_stats(plan: DataPlan) -> dict[str, Any]:
     data = load_split(plan, "val")
     unit = plan.normalization.to_unit(data.x)
     return class_feature_stats(
-        {c: unit[data.y.numpy() == i] for i, c in enumerate(plan.classes) if (data.y == i).any()}
+        {c: unit[data.y.numpy() == i] for i, c in enumerate(plan.classes) if (data.y == i).any()},
+        plan.measure_channels,
     )
