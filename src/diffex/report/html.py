@@ -113,7 +113,8 @@ def _classifier_section(root: Path) -> dict[str, Any] | None:
         "temperature": _fmt(metrics.get("temperature")),
         "confusion": data_uri(root / "classifier" / "confusion_reliability.png"),
         "curve": data_uri(root / "classifier" / "training_curve.png"),
-        "config": cfg.get("train", {}),
+        "config": cfg.get("train") or cfg.get("external") or {},
+        "external": cfg.get("external"),
     }
 
 
@@ -144,7 +145,8 @@ def _autoencoder_section(root: Path) -> dict[str, Any] | None:
         "curve": data_uri(root / "autoencoder" / "training_curve.png"),
         "steps": metrics.get("steps"),
         "images_seen": metrics.get("images_seen"),
-        "config": cfg.get("train", {}),
+        "config": cfg.get("train") or cfg.get("external") or {},
+        "external": cfg.get("external"),
     }
 
 
