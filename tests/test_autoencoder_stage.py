@@ -19,7 +19,9 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     data = make_blob_folder(root / "data", n_per_class=24, size=32)
     run = root / "run"
     cpu = torch.device("cpu")
-    train_classifier(data, run, ClassifierTrainConfig(image_size=32, preset="tiny", epochs=2), cpu)
+    train_classifier(
+        data, run, ClassifierTrainConfig(image_size=32, preset="tiny", epochs=2, min_steps=1), cpu
+    )
     cfg = AutoencoderTrainConfig(
         preset="tiny",
         steps=80,

@@ -13,7 +13,7 @@ from conftest import make_blob_folder, write_png
 
 from diffex.cli import main
 
-FAST = ["--epochs", "1", "--preset", "tiny", "--image-size", "32"]
+FAST = ["--epochs", "1", "--min-steps", "1", "--preset", "tiny", "--image-size", "32"]
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

@@ -76,7 +76,9 @@ def test_model_satisfies_protocol() -> None:
 def test_train_classifier_learns_and_writes_everything(tmp_path: Path) -> None:
     data = make_blob_folder(tmp_path / "d", n_per_class=60, size=32)
     run = tmp_path / "run"
-    cfg = ClassifierTrainConfig(image_size=32, preset="tiny", epochs=8, batch_size=16, seed=0)
+    cfg = ClassifierTrainConfig(
+        image_size=32, preset="tiny", epochs=8, batch_size=16, seed=0, min_steps=1
+    )
     metrics = train_classifier(data, run, cfg, torch.device("cpu"))
     folder = run / "classifier"
     for name in (
@@ -107,7 +109,9 @@ def test_train_classifier_learns_and_writes_everything(tmp_path: Path) -> None:
 
 def test_training_is_deterministic(tmp_path: Path) -> None:
     data = make_blob_folder(tmp_path / "d", n_per_class=20, size=32)
-    cfg = ClassifierTrainConfig(image_size=32, preset="tiny", epochs=2, batch_size=8, seed=5)
+    cfg = ClassifierTrainConfig(
+        image_size=32, preset="tiny", epochs=2, batch_size=8, seed=5, min_steps=1
+    )
     a = train_classifier(data, tmp_path / "r1", cfg, torch.device("cpu"))
     b = train_classifier(data, tmp_path / "r2", cfg, torch.device("cpu"))
     assert a["val"]["nll"] == b["val"]["nll"]

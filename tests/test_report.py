@@ -41,7 +41,18 @@ def hostile_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (data / "manifest.csv").write_text("\n".join(lines) + "\n")
     run = root / "run"
     args = ["--device", "cpu", "train-classifier", "--data", str(data / "manifest.csv")]
-    args += ["--run", str(run), "--epochs", "1", "--preset", "tiny", "--image-size", "32"]
+    args += [
+        "--run",
+        str(run),
+        "--epochs",
+        "1",
+        "--min-steps",
+        "1",
+        "--preset",
+        "tiny",
+        "--image-size",
+        "32",
+    ]
     assert main(args) == 0
     build_report(run)
     return run

@@ -30,6 +30,8 @@ STAGES = {
         "tiny",
         "--epochs",
         "5",
+        "--min-steps",
+        "1",
         "--batch-size",
         "8",
         "--patience",

@@ -18,21 +18,35 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 class Options:
     """Global options shared by every command."""
 
-    def __init__(self, device: str, seed: int, max_pixels: int | None = None) -> None:
+    def __init__(
+        self,
+        device: str,
+        seed: int,
+        max_pixels: int | None = None,
+        compile_: bool | None = None,
+    ) -> None:
         self.device_name = device
         self.seed = seed
         self.max_pixels = max_pixels
+        self.compile = compile_
 
     def setup(self) -> Any:
         """Threads, seeds and device, set once before a command computes anything."""
         from diffex.data.images import set_pixel_limit
-        from diffex.runtime import configure_threads, resolve_device, seed_everything
+        from diffex.runtime import configure_threads, resolve_device, seed_everything, set_compile
+        from diffex.train.distributed import process_device
 
         if self.max_pixels is not None:
             set_pixel_limit(self.max_pixels)
         configure_threads()
         seed_everything(self.seed)
-        return resolve_device(self.device_name)
+        set_compile(self.compile)
+        device = process_device(resolve_device(self.device_name))
+        if device.type == "cuda" and device.index is not None:
+            import torch
+
+            torch.cuda.set_device(device)
+        return device
 
 
 _pass_options = click.make_pass_decorator(Options)
@@ -86,14 +100,20 @@ def pass_options(f: Any) -> Any:
     show_default=True,
     help="Refuse images larger than this (height x width), checked before decoding.",
 )
+@click.option(
+    "--compile/--no-compile",
+    "compile_",
+    default=None,
+    help="torch.compile the networks while training [default: on with CUDA, off on CPU].",
+)
 @click.pass_context
-def cli(ctx: click.Context, device: str, seed: int, max_pixels: int) -> None:
+def cli(ctx: click.Context, device: str, seed: int, max_pixels: int, compile_: bool | None) -> None:
     """Explain an image classifier with a diffusion autoencoder: which visible attributes move
     its decision, shown as counterfactual images and measured in plain terms.
 
     Global options go before the command: diffex --device cpu --seed 1 COMMAND ...
     """
-    ctx.obj = Options(device, seed, max_pixels)
+    ctx.obj = Options(device, seed, max_pixels, compile_)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -151,6 +171,112 @@ def synth(
     click.echo(f"  contact sheet: {folder / 'contact_sheet.png'}")
 
 
+@cli.group(context_settings=CONTEXT)
+def prepare() -> None:
+    """Turn a published data set into images plus a manifest that DiffEx reads."""
+
+
+@prepare.command("bbbc021", context_settings=CONTEXT)
+@click.option(
+    "--images",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Folder holding the plate folders (Week1_22123/, ...) of the BBBC021 download.",
+)
+@click.option(
+    "--metadata",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="BBBC021_v1_image.csv.",
+)
+@click.option(
+    "--moa",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="BBBC021_v1_moa.csv (needed for moa:NAME conditions).",
+)
+@click.option(
+    "--conditions",
+    required=True,
+    multiple=True,
+    help='Two or more conditions, each "COMPOUND@CONCENTRATION" (e.g. "DMSO@0.0"), a bare '
+    'compound (any concentration) or "moa:NAME": --conditions "DMSO@0.0" "taxol@0.3".',
+)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder (DATA).")
+@click.option(
+    "--crop-size", type=click.IntRange(min=8), default=96, show_default=True, help="Crop side."
+)
+@click.option(
+    "--centres",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="CSV of nucleus centres (Image_FileName_DAPI or ImageNumber, x, y) instead of "
+    "segmenting DAPI.",
+)
+@click.option(
+    "--max-cells-per-image",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Keep a seeded random subset of the cells of each image.",
+)
+@click.option(
+    "--min-nucleus-area",
+    type=click.IntRange(min=1),
+    default=30,
+    show_default=True,
+    help="Smallest nucleus (pixels) when segmenting.",
+)
+@pass_options
+def prepare_bbbc021_cmd(opts: Options, **kw: Any) -> None:
+    """Single-cell crops from the BBBC021 layout (DAPI, tubulin, actin TIFFs per plate).
+
+    Selects the images of each condition from the metadata (and MOA) tables, finds nuclei in
+    DAPI (or reads --centres), normalises each plate and channel by percentiles, cuts crops
+    that do not touch the border and writes DATA/crops/, DATA/manifest.csv (plate as the group,
+    so no plate is split across train, val and test) and DATA/dataset.json (channel names and
+    colours). Then: diffex train-classifier --data DATA/manifest.csv ...
+    """
+    from diffex.data.bbbc021 import Bbbc021Config, prepare_bbbc021
+
+    opts.setup()
+    cfg = Bbbc021Config(**{**kw, "conditions": list(kw["conditions"])}, seed=opts.seed)
+    summary = prepare_bbbc021(cfg)
+    click.echo(f"crops: {summary['crops']} ({summary['skipped_border']} skipped at the border)")
+    for label, n in summary["per_condition"].items():
+        click.echo(f"  {label}: {n}")
+    click.echo(f"manifest: {Path(kw['out']) / 'manifest.csv'}")
+
+
+@prepare.command("digits", context_settings=CONTEXT)
+@click.option(
+    "--out", type=click.Path(path_type=Path), required=True, help="Output image folder (DATA)."
+)
+@click.option(
+    "--digits",
+    default="3,8",
+    show_default=True,
+    help="Which digits, comma-separated (two or more).",
+)
+@click.option(
+    "--size",
+    type=click.IntRange(min=8),
+    default=48,
+    show_default=True,
+    help="Image side (48 fits both demo presets).",
+)
+def prepare_digits_cmd(out: Path, digits: str, size: int) -> None:
+    """Real handwritten digits that ship with scikit-learn (8x8 scans, upsampled): a small real
+    data set for trying DiffEx, e.g. "3 vs 8". Needs pip install 'diffex[examples]'."""
+    from diffex.data.digits import prepare_digits
+
+    try:
+        chosen = [int(d) for d in digits.split(",") if d.strip()]
+    except ValueError:
+        raise DiffexError(f"--digits must be comma-separated digits, got {digits!r}") from None
+    counts = prepare_digits(out, chosen, size)
+    click.echo(f"digits: {', '.join(f'{k}: {v}' for k, v in counts.items())} in {out}")
+
+
 def _checkpoint_option(default: int) -> Any:
     return click.option(
         "--checkpoint-every",
@@ -195,7 +321,14 @@ def _classifier_options(f: Any) -> Any:
             type=int,
             default=5,
             show_default=True,
-            help="Epochs without improvement before stopping.",
+            help="Evaluations without improvement before stopping.",
+        ),
+        click.option(
+            "--min-steps",
+            type=click.IntRange(min=1),
+            default=200,
+            show_default=True,
+            help="Train at least this many steps, however small the data set.",
         ),
         click.option(
             "--temperature/--no-temperature",
@@ -210,19 +343,24 @@ def _classifier_options(f: Any) -> Any:
     return f
 
 
+def _data_run_options(f: Any) -> Any:
+    """--data and --run of the commands that make a run's classifier."""
+    f = click.option(
+        "--run",
+        type=click.Path(path_type=Path),
+        required=True,
+        help="Run folder; writes RUN/data.json and RUN/classifier/.",
+    )(f)
+    return click.option(
+        "--data",
+        type=click.Path(path_type=Path),
+        required=True,
+        help="Image folder (class = subfolder) or CSV manifest (path,label[,group]).",
+    )(f)
+
+
 @cli.command("train-classifier", context_settings=CONTEXT)
-@click.option(
-    "--data",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="Image folder (class = subfolder) or CSV manifest (path,label[,group]).",
-)
-@click.option(
-    "--run",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="Run folder; writes RUN/data.json and RUN/classifier/.",
-)
+@_data_run_options
 @_classifier_options
 @pass_options
 def train_classifier_cmd(opts: Options, data: Path, run: Path, **kw: Any) -> None:
@@ -237,6 +375,136 @@ def train_classifier_cmd(opts: Options, data: Path, run: Path, **kw: Any) -> Non
 
     device = opts.setup()
     metrics = train_classifier(data, run, _classifier_config(opts, **kw), device)
+    _print_classifier(metrics, run)
+
+
+def _floats(text: str | None, name: str) -> list[float]:
+    """``"0.5,0.5,0.5"`` -> floats, with a one-line error naming the option."""
+    if not text:
+        return []
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise DiffexError(f"{name} must be comma-separated numbers, got {text!r}") from None
+
+
+def _external_options(f: Any) -> Any:
+    """The declared interface of a user's classifier (use-classifier and demo --data)."""
+    options = [
+        click.option(
+            "--classifier-script",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="TorchScript file of your classifier (torch.jit.save of a scripted or traced "
+            "model).",
+        ),
+        click.option(
+            "--classifier-entry",
+            default=None,
+            metavar="MODULE:FACTORY",
+            help="A Python callable returning your nn.Module with its weights loaded "
+            "(module:factory, or path/to/file.py:factory).",
+        ),
+        click.option(
+            "--input-size",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Side length your classifier expects; DiffEx resizes to it [default: the run's "
+            "image size].",
+        ),
+        click.option(
+            "--in-channels",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Channels your classifier expects; one-channel data is repeated to fill them "
+            "[default: the data's].",
+        ),
+        click.option(
+            "--pixel-scale",
+            type=click.Choice(["unit", "model"]),
+            default="unit",
+            show_default=True,
+            help="unit: pixels as stored, over their full scale, in [0, 1] (then --mean/--std); "
+            "model: DiffEx's own normalised [-1, 1].",
+        ),
+        click.option(
+            "--mean", default=None, help="Per-channel input mean, e.g. 0.485,0.456,0.406."
+        ),
+        click.option("--std", default=None, help="Per-channel input sd, e.g. 0.229,0.224,0.225."),
+        click.option(
+            "--class-names",
+            default=None,
+            help="Your classifier's outputs in order, comma-separated, using the data's class "
+            "names [default: the data's classes, sorted].",
+        ),
+        click.option(
+            "--features",
+            default=None,
+            help="Layer (submodule name) or method giving features; pooled over space when a map "
+            "[default: none, the logits].",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _external_spec(kw: dict[str, Any]) -> Any:
+    """Pop the external-classifier options from ``kw``; None when neither source is given."""
+    from diffex.models.external import ExternalSpec
+
+    script, entry = kw.pop("classifier_script"), kw.pop("classifier_entry")
+    declared = {k: kw.pop(k) for k in ("input_size", "in_channels", "pixel_scale", "features")}
+    mean, std, names = kw.pop("mean"), kw.pop("std"), kw.pop("class_names")
+    if script is not None and entry is not None:
+        raise DiffexError("give --classifier-script or --classifier-entry, not both")
+    if script is None and entry is None:
+        return None
+    return ExternalSpec(
+        kind="torchscript" if script is not None else "entry",
+        source=str(script if script is not None else entry),
+        mean=_floats(mean, "--mean"),
+        std=_floats(std, "--std"),
+        class_names=[c.strip() for c in names.split(",") if c.strip()] if names else [],
+        **declared,
+    )
+
+
+@cli.command("use-classifier", context_settings=CONTEXT)
+@_data_run_options
+@_external_options
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=16),
+    default=None,
+    help="DiffEx's image size for this run [default: --input-size, else 64].",
+)
+@click.option(
+    "--temperature/--no-temperature",
+    default=True,
+    show_default=True,
+    help="Fit a calibration temperature on validation data.",
+)
+@pass_options
+def use_classifier_cmd(opts: Options, data: Path, run: Path, **kw: Any) -> None:
+    """Explain your own classifier instead of training one: attach it to a run.
+
+    Loads it (TorchScript or a Python factory), checks it on a batch of the data (input shape,
+    number of classes, NaN outputs), fits a temperature on the validation split, scores it, and
+    writes RUN/classifier/ (a copy of the weights, config.json, metrics.json, plots). The split
+    is the same as train-classifier's: if your classifier saw some of these images in training,
+    its scores here are optimistic.
+    """
+    from diffex.train.attach import AttachConfig, attach_classifier
+
+    spec = _external_spec(kw)
+    if spec is None:
+        raise DiffexError("give --classifier-script FILE.pt or --classifier-entry MODULE:FACTORY")
+    device = opts.setup()
+    cfg = AttachConfig(
+        image_size=kw["image_size"], temperature_scaling=kw["temperature"], seed=opts.seed
+    )
+    metrics = attach_classifier(data, run, spec, cfg, device)
     _print_classifier(metrics, run)
 
 
@@ -287,6 +555,20 @@ def _autoencoder_options(f: Any) -> Any:
             default=3e-4,
             show_default=True,
             help="AdamW learning rate.",
+        ),
+        click.option(
+            "--accumulate",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Split each batch into N micro-batches (same result, less GPU memory).",
+        ),
+        click.option(
+            "--precision",
+            type=click.Choice(["auto", "fp32", "bf16"]),
+            default="auto",
+            show_default=True,
+            help="auto: bf16 autocast on GPUs that support it, fp32 on CPUs.",
         ),
         click.option(
             "--classifier-output",
@@ -353,6 +635,8 @@ def _autoencoder_config(opts: Options, **kw: Any) -> Any:
         consistency_weight=kw["consistency_weight"],
         ddim_steps=kw["ddim_steps"],
         sample_every=kw["sample_every"],
+        accumulate=kw["accumulate"],
+        precision=kw["precision"],
         checkpoint_every=kw["checkpoint_every"],
         seed=opts.seed,
     )
@@ -770,19 +1054,42 @@ def report(run: Path, out: Path | None) -> None:
     show_default=True,
     help="quick: toy sizes for tests (about a minute).",
 )
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Your images (folder or CSV manifest) instead of the synthetic cells.",
+)
+@click.option(
+    "--target",
+    default=None,
+    help="Class to explain (with --data and more than two classes) [default: the second].",
+)
+@_external_options
 @pass_options
-def demo(opts: Options, out: Path, preset: str) -> None:
-    """Run the whole pipeline on the built-in synthetic cells and print where the results are.
+def demo(
+    opts: Options, out: Path, preset: str, data: Path | None, target: str | None, **kw: Any
+) -> None:
+    """Run the whole pipeline and print where the results are.
 
     synth -> classifier -> autoencoder -> directions -> rank -> explain -> evaluate -> report,
-    into OUT.
+    into OUT. With --data, your images replace the synthetic cells (no ground truth then), and
+    --classifier-script/--classifier-entry explain your classifier instead of training one.
     Rerunning skips stages whose outputs exist for the same configuration, and a stage that was
     interrupted resumes from its last checkpoint.
     """
+    from dataclasses import replace
+
     from diffex.pipeline import demo_preset, run_demo
 
+    spec = _external_spec(kw)
+    if spec is not None and data is None:
+        raise DiffexError("--classifier-script/--classifier-entry need --data")
+    cfg = demo_preset(preset, opts.seed)
+    if data is not None:
+        cfg = replace(cfg, data=str(data), external=spec, rank=replace(cfg.rank, target=target))
     device = opts.setup()
-    summary = run_demo(out, demo_preset(preset, opts.seed), device, seed=opts.seed)
+    summary = run_demo(out, cfg, device, seed=opts.seed)
     _print_demo(summary)
 
 
@@ -829,8 +1136,32 @@ def _print_demo(summary: dict[str, Any]) -> None:
         click.echo(f"report: {summary['report']}")
 
 
+#: Options that take several values in a row (``--conditions A B``), as well as repeated.
+VARIADIC = ("--conditions",)
+
+
+def expand_variadic(argv: list[str]) -> list[str]:
+    """``--conditions A B --out X`` -> ``--conditions A --conditions B --out X``."""
+    out: list[str] = []
+    current: str | None = None
+    for arg in argv:
+        if arg in VARIADIC:
+            current = arg
+            continue
+        if current is not None and not arg.startswith("-"):
+            out += [current, arg]
+            continue
+        current = None
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors become one line on stderr and exit code 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # torchrun ... -m diffex -- ARGS passes the separator on
+        argv = argv[1:]
+    argv = expand_variadic(argv)
     try:
         cli.main(args=argv, prog_name="diffex", standalone_mode=False)
     except DiffexError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
@@ -21,14 +22,21 @@ T = TypeVar("T")
 console = Console(stderr=True, highlight=False)
 
 
+def _quiet() -> bool:
+    """Processes other than rank 0 of a multi-process training stay silent."""
+    return os.environ.get("RANK", "0") != "0"
+
+
 def info(message: str) -> None:
     """Print a progress message to stderr."""
-    console.print(message, markup=False)
+    if not _quiet():
+        console.print(message, markup=False)
 
 
 def warn(message: str) -> None:
     """Print a one-line warning to stderr."""
-    console.print(f"warning: {message}", style="yellow", markup=False)
+    if not _quiet():
+        console.print(f"warning: {message}", style="yellow", markup=False)
 
 
 def progress_bar() -> Progress:
@@ -41,7 +49,7 @@ def progress_bar() -> Progress:
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
         console=console,
-        disable=not sys.stderr.isatty(),
+        disable=not sys.stderr.isatty() or _quiet(),
         transient=False,
     )
 

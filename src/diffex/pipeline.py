@@ -18,7 +18,9 @@ from diffex.explain.explain import ExplainConfig, explain_run
 from diffex.explain.rank import RankConfig, rank_directions
 from diffex.io.atomic import read_json, write_json
 from diffex.log import info
+from diffex.models.external import ExternalSpec
 from diffex.report.html import build_report
+from diffex.train.attach import AttachConfig, attach_classifier
 from diffex.train.autoencoder import AutoencoderTrainConfig, train_autoencoder
 from diffex.train.classifier import ClassifierTrainConfig, train_classifier
 from diffex.train.directions import DirectionTrainConfig, train_directions
@@ -36,6 +38,8 @@ class DemoConfig:
     rank: RankConfig
     explain: ExplainConfig
     evaluate: EvaluateConfig
+    data: str | None = None
+    external: ExternalSpec | None = None
     stages: list[str] = field(
         default_factory=lambda: [
             "classifier",
@@ -119,22 +123,35 @@ def _done(out: Path, stage: str, config: dict[str, Any]) -> bool:
 def run_demo(out: Path, cfg: DemoConfig, device: torch.device, seed: int = 0) -> dict[str, Any]:
     """Run (or resume) every stage into ``out``; returns the summary."""
     out = Path(out)
-    data = out / "data"
     timings: dict[str, float] = {}
     results: dict[str, Any] = {}
-    synth_cfg = {"n": cfg.n, "size": cfg.size, "seed": seed, "spec": "default"}
-    if _done(out, "synth", synth_cfg) and (data / "factors.csv").is_file():
-        info(f"demo: reusing synthetic data in {data}")
+    if cfg.data is None:
+        data = out / "data"
+        synth_cfg: dict[str, Any] = {"n": cfg.n, "size": cfg.size, "seed": seed, "spec": "default"}
+        if _done(out, "synth", synth_cfg) and (data / "factors.csv").is_file():
+            info(f"demo: reusing synthetic data in {data}")
+        else:
+            t0 = time.perf_counter()
+            generate(
+                load_spec(None), data, n=cfg.n, seed=seed, size=cfg.size, fmt="png", overwrite=True
+            )
+            timings["synth"] = time.perf_counter() - t0
+            write_json(
+                _stage_marker(out, "synth"), {"config": synth_cfg, "seconds": timings["synth"]}
+            )
     else:
-        t0 = time.perf_counter()
-        generate(
-            load_spec(None), data, n=cfg.n, seed=seed, size=cfg.size, fmt="png", overwrite=True
-        )
-        timings["synth"] = time.perf_counter() - t0
-        write_json(_stage_marker(out, "synth"), {"config": synth_cfg, "seconds": timings["synth"]})
+        data = Path(cfg.data)
+        synth_cfg = {"data": str(data.resolve()), "seed": seed}
+    classifier_cfg: Any = cfg.classifier
+    classify = lambda: train_classifier(data, out, cfg.classifier, device)  # noqa: E731
+    if cfg.external is not None:
+        spec = cfg.external
+        attach = AttachConfig(image_size=cfg.classifier.image_size, seed=seed)
+        classifier_cfg = {"external": spec.to_dict(), "attach": asdict(attach)}
+        classify = lambda: attach_classifier(data, out, spec, attach, device)  # noqa: E731
     upstream = dict(synth_cfg)
     steps = {
-        "classifier": (cfg.classifier, lambda: train_classifier(data, out, cfg.classifier, device)),
+        "classifier": (classifier_cfg, classify),
         "autoencoder": (cfg.autoencoder, lambda: train_autoencoder(out, cfg.autoencoder, device)),
         "directions": (cfg.directions, lambda: train_directions(out, cfg.directions, device)),
         "rank": (cfg.rank, lambda: rank_directions(out, cfg.rank, device)),
@@ -143,7 +160,7 @@ def run_demo(out: Path, cfg: DemoConfig, device: torch.device, seed: int = 0) ->
     }
     for stage in cfg.stages:
         stage_cfg, fn = steps[stage]
-        upstream = {**upstream, stage: asdict(stage_cfg)}
+        upstream = {**upstream, stage: _settings(stage_cfg)}
         if _done(out, stage, upstream):
             info(f"demo: {stage} already done for this configuration, skipping")
             results[stage] = read_json(_stage_marker(out, stage)).get("result", {})
@@ -161,6 +178,11 @@ def run_demo(out: Path, cfg: DemoConfig, device: torch.device, seed: int = 0) ->
     write_json(out / "demo_summary.json", summary)
     summary["report"] = str(build_report(out).resolve())
     return summary
+
+
+def _settings(stage_cfg: Any) -> dict[str, Any]:
+    """A stage's settings as the resume marker records them."""
+    return stage_cfg if isinstance(stage_cfg, dict) else asdict(stage_cfg)
 
 
 def _brief(stage: str, result: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,8 @@ from pathlib import Path
 from diffex.data.loading import DataPlan
 from diffex.errors import DiffexError
 
+WEIGHT_FILES = ("model.safetensors", "model.pt")
+
 
 class RunDir:
     """Paths inside ``RUN/`` and loaders for finished stages."""
@@ -41,11 +43,19 @@ class RunDir:
             )
         return DataPlan.load(self.data_plan)
 
+    def weights(self, stage: str) -> Path:
+        """The weights file of a finished stage (a user's TorchScript classifier is model.pt)."""
+        folder = self.stage(stage)
+        for name in WEIGHT_FILES:
+            if (folder / name).is_file():
+                return folder / name
+        how = (
+            "'diffex train-classifier' or 'diffex use-classifier'"
+            if stage == "classifier"
+            else f"'diffex train-{stage}'"
+        )
+        raise DiffexError(f"{folder} has no model.safetensors: run {how} first")
+
     def require(self, stage: str) -> Path:
         """A finished stage's folder, or a clear error saying which command makes it."""
-        folder = self.stage(stage)
-        if not (folder / "model.safetensors").is_file():
-            raise DiffexError(
-                f"{folder} has no model.safetensors: run 'diffex train-{stage}' first"
-            )
-        return folder
+        return self.weights(stage).parent

@@ -22,6 +22,19 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+_compile: dict[str, bool | None] = {"choice": None}
+
+
+def set_compile(choice: bool | None) -> None:
+    """``--compile/--no-compile``: torch.compile in training on or off (None: CUDA only)."""
+    _compile["choice"] = choice
+
+
+def compile_choice() -> bool | None:
+    """The process-wide torch.compile choice (None: automatic)."""
+    return _compile["choice"]
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)
@@ -30,10 +43,12 @@ def seed_everything(seed: int) -> None:
 
 
 def configure_threads() -> None:
-    """Use every core once (unless OMP_NUM_THREADS says otherwise); OpenMP threads wait
-    passively so a busy neighbour does not stall us."""
+    """Use every core once (unless OMP_NUM_THREADS says otherwise), split between the processes
+    of a multi-process launch on one machine; OpenMP threads wait passively so a busy neighbour
+    does not stall us."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if os.environ.get("OMP_NUM_THREADS"):
         return  # the user chose; torch already follows OMP_NUM_THREADS
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, n))
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # processes sharing the cores
+    torch.set_num_threads(max(1, n // local))

@@ -21,6 +21,7 @@ from diffex.report.grids import reconstruction_grid
 from diffex.report.plots import training_curve
 from diffex.rundir import RunDir
 from diffex.train.classifier import augment_batch, load_classifier
+from diffex.train.distributed import pinned, rank
 from diffex.train.loop import EpochSampler, LoopConfig, run_loop
 from diffex.train.resume import stage_resume, weights_digest
 
@@ -50,6 +51,7 @@ class AutoencoderTrainConfig:
     eval_images: int = 128
     ddim_steps: int = 50
     precision: str = "auto"
+    accumulate: int = 1
     checkpoint_every: int = 100
     seed: int = 0
 
@@ -125,16 +127,18 @@ def train_autoencoder(
         eval_every=cfg.sample_every,
         log_every=max(1, cfg.steps // 50),
         precision=precision,
+        accumulate=cfg.accumulate,
     )
-    gen = torch.Generator().manual_seed(cfg.seed + 11)
+    gen = torch.Generator().manual_seed(cfg.seed + 11 + 1_000_003 * rank())  # noise per rank
     sampler = iter(EpochSampler(len(train.y), cfg.batch_size, cfg.seed))
-    batches = (train.x[i] for i in sampler)
+    pool = pinned(train.x, device)
+    batches = (pool[i] for i in sampler)
 
     def loss_fn(m: torch.nn.Module, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         if cfg.augment:
-            x = augment_batch(x, gen)
+            x = augment_batch(x, gen, rotate=plan.orientation == "any")
         return m.training_loss(
-            x.to(device),
+            x.to(device, non_blocking=True),
             generator=gen,
             t_skew=cfg.t_skew,
             consistency_weight=cfg.consistency_at(step),

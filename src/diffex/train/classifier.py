@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,11 @@ from diffex.io.atomic import write_json
 from diffex.io.checkpoint import load_config, load_state, save_module
 from diffex.log import info
 from diffex.models.classifier import ClassifierConfig, ResNetClassifier
+from diffex.models.external import KINDS
+from diffex.models.protocol import Classifier
 from diffex.report.plots import confusion_and_reliability, training_curve
 from diffex.rundir import RunDir
+from diffex.train.distributed import pinned, rank
 from diffex.train.loop import EpochSampler, LoopConfig, run_loop
 from diffex.train.resume import digest, stage_resume
 
@@ -34,6 +38,7 @@ class ClassifierTrainConfig:
     lr: float = 2e-3
     weight_decay: float = 5e-4
     patience: int = 5
+    min_steps: int = 200
     temperature_scaling: bool = True
     augment: bool = True
     checkpoint_every: int = 100
@@ -47,12 +52,15 @@ class ClassifierTrainConfig:
             raise DiffexError(f"image_size must be >= 16, got {self.image_size}")
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flips and 90-degree rotations, per image (microscopy has no 'up')."""
+def augment_batch(x: torch.Tensor, generator: torch.Generator, rotate: bool = True) -> torch.Tensor:
+    """Random horizontal flips and (``rotate``) 90-degree rotations, per image: microscopy has
+    no 'up'; data whose ``dataset.json`` says ``"orientation": "upright"`` gets flips only."""
     n = x.shape[0]
     flip = torch.rand(n, generator=generator) < 0.5
     k = torch.randint(0, 4, (n,), generator=generator)
     x = torch.where(flip[:, None, None, None].to(x.device), x.flip(-1), x)
+    if not rotate:
+        return x
     out = x.clone()
     for r in range(1, 4):
         sel = (k == r).nonzero().flatten().to(x.device)
@@ -63,7 +71,7 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 @torch.no_grad()
 def predict(
-    model: ResNetClassifier, x: torch.Tensor, device: torch.device, bs: int = 256
+    model: Classifier, x: torch.Tensor, device: torch.device, bs: int = 256
 ) -> torch.Tensor:
     """Logits for a tensor of images, in batches."""
     model.eval()
@@ -91,24 +99,28 @@ def train_classifier(
 
     train = splits["train"]
     steps_per_epoch = max(1, len(train.y) // min(cfg.batch_size, len(train.y)))
+    # Small data sets: at least min_steps steps, evaluated at least every 25 steps, so that a
+    # few hundred images still give BatchNorm statistics and weights time to settle.
+    every = max(steps_per_epoch, 25)
     loop = LoopConfig(
-        steps=cfg.epochs * steps_per_epoch,
+        steps=max(cfg.epochs * steps_per_epoch, cfg.min_steps),
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
         warmup_steps=min(steps_per_epoch, 100),
-        eval_every=steps_per_epoch,
+        eval_every=every,
         patience=cfg.patience,
-        log_every=steps_per_epoch,
+        log_every=every,
     )
-    aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 1 + 1_000_003 * rank())
     sampler = iter(EpochSampler(len(train.y), cfg.batch_size, cfg.seed))
-    batches = ((train.x[i], train.y[i]) for i in sampler)
+    pool = pinned(train.x, device)
+    batches = ((pool[i], train.y[i]) for i in sampler)
 
     def loss_fn(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int):
         x, y = batch
         if cfg.augment:
-            x = augment_batch(x, aug_gen)
-        logits = m(x.to(device))
+            x = augment_batch(x, aug_gen, rotate=plan.orientation == "any")
+        logits = m(x.to(device, non_blocking=True))
         return {"loss": F.cross_entropy(logits, y.to(device))}
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
@@ -133,44 +145,62 @@ def train_classifier(
     )
     model = result.model
 
+    loop_cfg = loop.to_dict()
+    return finish_classifier(
+        model,
+        plan,
+        splits,
+        rd,
+        device,
+        {"kind": "resnet", "model": mcfg.to_dict(), "train": asdict(cfg), "loop": loop_cfg},
+        temperature_scaling=cfg.temperature_scaling,
+        extra={
+            "best_step": result.best_step,
+            "stopped_early": result.stopped_early,
+            "train_seconds": round(result.seconds, 1),
+        },
+        history=(result.history, result.evals),
+        save=lambda out, config: save_module(out, model, config),
+    )
+
+
+def finish_classifier(
+    model: Classifier,
+    plan: DataPlan,
+    splits: dict[str, SplitData],
+    rd: RunDir,
+    device: torch.device,
+    config: dict[str, Any],
+    temperature_scaling: bool,
+    extra: dict[str, Any],
+    save: Callable[[Path, dict[str, Any]], None],
+    history: tuple[list[dict[str, float]], list[dict[str, float]]] | None = None,
+) -> dict[str, Any]:
+    """What every classifier stage ends with, trained or brought by the user: fit the
+    temperature on validation data, score val and test, save weights (``save``), the data plan,
+    metrics.json and the plots into ``RUN/classifier/``."""
     temperature = 1.0
-    if cfg.temperature_scaling:
+    if temperature_scaling:
         temperature = fit_temperature(predict(model, splits["val"].x, device), splits["val"].y)
     model.temperature.fill_(temperature)
-
-    metrics: dict[str, Any] = {
-        "temperature": temperature,
-        "best_step": result.best_step,
-        "stopped_early": result.stopped_early,
-        "train_seconds": round(result.seconds, 1),
-        "counts": counts,
-    }
+    metrics: dict[str, Any] = {"temperature": temperature, **extra, "counts": plan_summary(plan)}
     for s in ("val", "test"):
         if len(splits[s].y):
             metrics[s] = _split_metrics(model, splits[s], plan, device, temperature)
-    metrics["history"] = {"evals": result.evals}
-
     out = rd.stage("classifier")
+    out.mkdir(parents=True, exist_ok=True)
     plan.save(rd.data_plan)  # written with the classifier, so a failed run leaves the old pair
-    save_module(
-        out,
-        model,
-        {
-            "kind": "resnet",
-            "model": mcfg.to_dict(),
-            "train": asdict(cfg),
-            "loop": loop.to_dict(),
-            "temperature": temperature,
-        },
-    )
+    save(out, {**config, "temperature": temperature})
+    if history is not None:
+        metrics["history"] = {"evals": history[1]}
+        training_curve(
+            history[0],
+            history[1],
+            out / "training_curve.png",
+            "classifier",
+            eval_keys=("val_loss", "val_accuracy"),
+        )
     write_json(out / "metrics.json", metrics)
-    training_curve(
-        result.history,
-        result.evals,
-        out / "training_curve.png",
-        "classifier",
-        eval_keys=("val_loss", "val_accuracy"),
-    )
     last = "test" if "test" in metrics else "val"
     confusion_and_reliability(
         metrics[last]["confusion_matrix"],
@@ -183,7 +213,7 @@ def train_classifier(
 
 
 def _split_metrics(
-    model: ResNetClassifier,
+    model: Classifier,
     split: SplitData,
     plan: DataPlan,
     device: torch.device,
@@ -203,14 +233,20 @@ def _split_metrics(
     return calibrated
 
 
-def load_classifier(run: str | Path, device: torch.device | str = "cpu") -> ResNetClassifier:
-    """Load the trained classifier of a run, frozen and in eval mode."""
-    folder = RunDir(run).require("classifier")
+def load_classifier(run: str | Path, device: torch.device | str = "cpu") -> Classifier:
+    """Load the classifier of a run (trained here or brought by the user), frozen, eval mode."""
+    rd = RunDir(run)
+    folder = rd.require("classifier")
     cfg = load_config(folder)
-    if cfg.get("kind") != "resnet" or "model" not in cfg:
-        raise DiffexError(f"{folder / 'config.json'} does not describe a DiffEx ResNet classifier")
-    model = ResNetClassifier(
-        ClassifierConfig.from_dict(cfg["model"], f"{folder}/config.json model")
-    )
-    load_state(model, folder / "model.safetensors")
+    if cfg.get("kind") in KINDS:
+        from diffex.train.attach import load_external
+
+        model: torch.nn.Module = load_external(rd, cfg)
+    elif cfg.get("kind") == "resnet" and "model" in cfg:
+        model = ResNetClassifier(
+            ClassifierConfig.from_dict(cfg["model"], f"{folder}/config.json model")
+        )
+        load_state(model, folder / "model.safetensors")
+    else:
+        raise DiffexError(f"{folder / 'config.json'} does not describe a classifier DiffEx knows")
     return model.to(device).eval().requires_grad_(False)

@@ -17,6 +17,16 @@ from torch import nn
 
 from diffex.errors import DiffexError
 from diffex.log import info, progress_bar
+from diffex.train.distributed import (
+    average_buffers,
+    average_gradients,
+    barrier,
+    batch_len,
+    is_main,
+    rank,
+    shard,
+    world_size,
+)
 from diffex.train.resume import Resume, load_state, restore, save_state
 
 
@@ -37,6 +47,9 @@ class LoopConfig:
     patience: int = 0  # stop after this many evaluations without improvement (0: never)
     log_every: int = 50
     precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    accumulate: int = 1  # micro-batches per optimiser step (same global batch, less memory)
+    compile: bool | None = None  # torch.compile the submodules; None: on CUDA only
+    channels_last: bool | None = None  # NHWC weights for convolutions; None: on CUDA only
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -49,6 +62,8 @@ class LoopConfig:
             raise DiffexError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.precision not in {"fp32", "bf16"}:
             raise DiffexError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.accumulate < 1:
+            raise DiffexError(f"accumulate must be >= 1, got {self.accumulate}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,6 +131,38 @@ def lr_at(step: int, cfg: LoopConfig) -> float:
     )
 
 
+def _want_compile(cfg: LoopConfig, device: torch.device) -> bool:
+    """``cfg.compile``, else the process-wide choice (``--compile/--no-compile``), else CUDA."""
+    if cfg.compile is not None:
+        return cfg.compile
+    from diffex.runtime import compile_choice
+
+    choice = compile_choice()
+    return device.type == "cuda" if choice is None else choice
+
+
+def compile_submodules(module: nn.Module) -> list[nn.Module]:
+    """``torch.compile`` every direct child with parameters, in place (state_dict keys keep
+    their names, and methods other than ``forward``, e.g. ``training_loss``, still use them)."""
+    done = []
+    for child in module.children():
+        if any(True for _ in child.parameters()):
+            child.compile()
+            done.append(child)
+    return done
+
+
+def uncompile(modules: list[nn.Module], exc: Exception, desc: str) -> list[nn.Module]:
+    """Turn compilation off again after it failed, with a warning saying why."""
+    from diffex.log import warn
+
+    for m in modules:
+        m._compiled_call_impl = None  # what nn.Module.compile sets; None means eager
+    reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+    warn(f"{desc}: torch.compile failed ({reason}); training without it (--no-compile)")
+    return []
+
+
 def run_loop(
     module: nn.Module,
     loss_fn: Callable[[nn.Module, Any, int], dict[str, torch.Tensor]],
@@ -140,8 +187,13 @@ def run_loop(
     skipped, RNGs restored), so an interrupted run ends with the same weights as an
     uninterrupted one. Returns the final (best or EMA) model.
     """
+    cuda = device.type == "cuda"
+    if cfg.channels_last if cfg.channels_last is not None else cuda:
+        module.to(memory_format=torch.channels_last)
+    compiled = compile_submodules(module) if _want_compile(cfg, device) else []
+    world, me = world_size(), rank()
     params = [p for p in module.parameters() if p.requires_grad]
-    fused = device.type == "cuda"
+    fused = cuda
     opt = torch.optim.AdamW(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, fused=fused
     )
@@ -173,6 +225,9 @@ def run_loop(
     def checkpoint(step: int) -> None:
         if resume is None:
             return
+        if not is_main():
+            barrier(device)  # rank 0 writes; the others wait for the file
+            return
         save_state(
             resume,
             step=step,
@@ -191,6 +246,7 @@ def run_loop(
                 "seconds": elapsed + time.perf_counter() - start,
             },
         )
+        barrier(device)
 
     module.train()
     with progress_bar() as bar:
@@ -199,27 +255,44 @@ def run_loop(
             batch = next(batches)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                losses = loss_fn(module, batch, step)
-            loss = losses["loss"]
-            if not torch.isfinite(loss):
-                kept = (
-                    f"; the last good checkpoint is kept in {resume.path}"
-                    if resume is not None and resume.path.is_file()
-                    else ""
-                )
-                raise DiffexError(
-                    f"{desc}: loss became {loss.item()} at step {step + 1}{kept}; "
-                    "try a lower learning rate, or fp32 instead of bf16"
-                )
+            local = shard(batch, me, world)
+            parts = min(cfg.accumulate, batch_len(local))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            totals: dict[str, float] = {}
+            for part in range(parts):
+                try:
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        losses = loss_fn(module, shard(local, part, parts), step)
+                except DiffexError:
+                    raise
+                except Exception as exc:
+                    if not compiled or step != start_step or part:
+                        raise
+                    compiled = uncompile(compiled, exc, desc)  # first step: fall back to eager
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        losses = loss_fn(module, shard(local, part, parts), step)
+                loss = losses["loss"]
+                if not torch.isfinite(loss):
+                    kept = (
+                        f"; the last good checkpoint is kept in {resume.path}"
+                        if resume is not None and resume.path.is_file()
+                        else ""
+                    )
+                    raise DiffexError(
+                        f"{desc}: loss became {loss.item()} at step {step + 1}{kept}; "
+                        "try a lower learning rate, or fp32 instead of bf16"
+                    )
+                (loss / parts if parts > 1 else loss).backward()
+                for k, v in losses.items():
+                    totals[k] = totals.get(k, 0.0) + float(v.detach()) / parts
+            average_gradients(params, device)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
+            average_buffers(module, device)
             if ema is not None:
                 ema.update(module)
-            record = {k: float(v.detach()) for k, v in losses.items()}
+            record = dict(totals)
             record["step"] = step + 1
             record["lr"] = opt.param_groups[0]["lr"]
             result.history.append(record)
@@ -230,7 +303,7 @@ def run_loop(
                 info(f"{desc}: step {step + 1}/{cfg.steps} loss {running['loss']:.4f}")
             last = step + 1 == cfg.steps
             due = (step + 1) % eval_every == 0 or last
-            if due and callbacks:
+            if due and callbacks and is_main():
                 model = ema.module if ema is not None else module
                 for cb in callbacks:
                     cb(step + 1, model)

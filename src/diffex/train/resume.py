@@ -209,5 +209,17 @@ def stage_resume(
 
 
 def weights_digest(run: RunDir, stage: str) -> str:
-    """Digest of a finished upstream stage's weights."""
-    return file_digest(run.require(stage) / "model.safetensors")
+    """Digest of a finished upstream stage's weights (with its config when the weights alone do
+    not fix its behaviour: a user's classifier with its declared input handling)."""
+    weights = run.weights(stage)
+    config = weights.parent / "config.json"
+    if weights.name == "model.safetensors" and '"external"' not in _text(config):
+        return file_digest(weights)
+    return file_digest(weights)[:8] + file_digest(config)[:8]
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        return ""
