@@ -1043,9 +1043,8 @@ def report(run: Path, out: Path | None) -> None:
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
-    default=Path("runs/demo"),
-    show_default=True,
-    help="Run folder for the demo.",
+    default=None,
+    help="Run folder [default: runs/demo, or runs/NAME for --data NAME].",
 )
 @click.option(
     "--preset",
@@ -1068,7 +1067,7 @@ def report(run: Path, out: Path | None) -> None:
 @_external_options
 @pass_options
 def demo(
-    opts: Options, out: Path, preset: str, data: Path | None, target: str | None, **kw: Any
+    opts: Options, out: Path | None, preset: str, data: Path | None, target: str | None, **kw: Any
 ) -> None:
     """Run the whole pipeline and print where the results are.
 
@@ -1085,6 +1084,9 @@ def demo(
     spec = _external_spec(kw)
     if spec is not None and data is None:
         raise DiffexError("--classifier-script/--classifier-entry need --data")
+    if out is None:
+        name = "demo" if data is None else (data.parent if data.suffix else data).name
+        out = Path("runs") / (name or "data")
     cfg = demo_preset(preset, opts.seed)
     if data is not None:
         cfg = replace(cfg, data=str(data), external=spec, rank=replace(cfg.rank, target=target))

@@ -14,6 +14,7 @@ from diffex.baselines.gcd import GCDConfig, line_search, search
 from diffex.data.loading import DataPlan, load_split
 from diffex.errors import DiffexError
 from diffex.evaluate.counterfactual import effect
+from diffex.explain.latents import encode_cached
 from diffex.explain.methods import method_folder
 from diffex.explain.rank import prober, resolve_target, source_images, source_split
 from diffex.io.atomic import write_json
@@ -83,9 +84,9 @@ def gcd_run(run: str | Path, cfg: GCDRunConfig, device: torch.device) -> dict[st
     vectors: list[torch.Tensor] = []
     fits: list[dict[str, Any]] = []
     # validation images: the global ranking and evaluation use the test split
-    xs, _, _ = source_split(plan, target, cfg.source_images, cfg.seed + 11, split="val")
+    xs, _, keys = source_split(plan, target, cfg.source_images, cfg.seed + 11, split="val")
     for j in track(range(len(xs)), "gcd: source images", total=len(xs)):
-        z, x_T = ae.encode(xs[j : j + 1], steps=steps, batch_size=bs)
+        z, x_T = encode_cached(ae, run, xs[j : j + 1], keys[j : j + 1], steps, bs)
         z = z.to(device)
         s0 = space.standardise(z)
         with torch.no_grad():
@@ -124,9 +125,9 @@ def gcd_run(run: str | Path, cfg: GCDRunConfig, device: torch.device) -> dict[st
         raise DiffexError("gcd: the search found no directions")
 
     # global effect: every candidate, with its own step, on the held-out images DiffEx ranks on
-    x, _ = source_images(plan, target, cfg.n_images, cfg.seed)
+    x, xkeys = source_images(plan, target, cfg.n_images, cfg.seed)
     info(f"gcd: applying {len(candidates)} directions to {len(x)} held-out images")
-    z, x_T = ae.encode(x, steps=steps, batch_size=bs)
+    z, x_T = encode_cached(ae, run, x, xkeys, steps, bs)
     zs = space.standardise(z.to(device))
     p0 = probs(ae.decode(z, x_T, steps=steps, batch_size=bs)).numpy()
     for c, v in zip(candidates, vectors, strict=True):

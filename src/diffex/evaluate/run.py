@@ -20,6 +20,7 @@ from diffex.evaluate.fidelity import classifier_agreement, pixel_metrics
 from diffex.evaluate.groundtruth import expected_signs, recovery
 from diffex.evaluate.plots import cos_heatmap, cout_curves, rho_heatmap, sufficiency_curve
 from diffex.evaluate.realism import frechet_distance, kid
+from diffex.explain.latents import encode_cached
 from diffex.explain.methods import METHODS, REFERENCE, load_direction_set, method_folder
 from diffex.explain.rank import heldout_split, pick_other_classes, prober
 from diffex.explain.ranking import artifact_measures, artifact_z, reference_spread
@@ -168,7 +169,8 @@ def evaluate_run(
     sidx = pick_other_classes(held, split, target, cfg.n_images, cfg.seed)
     x, y_src = held.x[sidx], held.y.numpy()[sidx]
     info(f"evaluate: encoding {len(x)} source images")
-    z, x_T = ae.encode(x, steps=cfg.ddim_steps, batch_size=cfg.batch_size)
+    keys = [held.paths[i] for i in sidx]
+    z, x_T = encode_cached(ae, run, x, keys, cfg.ddim_steps, cfg.batch_size)
     zd = z.to(space.mean.device)
     probs = prober(ae)
 

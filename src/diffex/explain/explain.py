@@ -26,6 +26,7 @@ from diffex.explain.figures import (
     sweep_frames,
     sweep_gif,
 )
+from diffex.explain.latents import encode_cached
 from diffex.explain.methods import load_direction_set
 from diffex.explain.rank import prober, source_images
 from diffex.io.atomic import write_json
@@ -112,9 +113,9 @@ def explain_run(
     ae = load_autoencoder(run, device)
     target = dset.target
     target_name = dset.ranking["target_class"]
-    x, _ = source_images(plan, target, cfg.n_cells, cfg.seed + 1)
+    x, keys = source_images(plan, target, cfg.n_cells, cfg.seed + 1)
     info(f"explain: encoding {len(x)} cells")
-    z, x_T = ae.encode(x, steps=cfg.ddim_steps, batch_size=cfg.batch_size)
+    z, x_T = encode_cached(ae, run, x, keys, cfg.ddim_steps, cfg.batch_size)
     probs = prober(ae)
     out = dset.folder / "explanations"
     class_stats = _class_stats(plan) if cfg.measure else None

@@ -13,6 +13,7 @@ import torch
 from diffex.data.loading import DataPlan, SplitData, load_split
 from diffex.errors import DiffexError
 from diffex.evaluate.counterfactual import effect
+from diffex.explain.latents import encode_cached
 from diffex.explain.ranking import (
     SIGNS,
     artifact_flags,
@@ -142,7 +143,7 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
         raise DiffexError(f"cannot rank {cfg.m} directions: the run has only K = {editor.k}")
     x, paths = source_images(plan, target, cfg.n_images, cfg.seed)
     info(f"rank: encoding {len(x)} source images ({cfg.ddim_steps} DDIM steps)")
-    z, x_T = ae.encode(x, steps=cfg.ddim_steps, batch_size=cfg.batch_size)
+    z, x_T = encode_cached(ae, run, x, paths, cfg.ddim_steps, cfg.batch_size)
     decode, probs = decoder(ae, cfg.ddim_steps, cfg.batch_size), prober(ae)
 
     def edit_fn(zz: torch.Tensor, k: int, sign: int, a: float) -> torch.Tensor:
@@ -198,7 +199,7 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
     )
     ranked_dicts = [{**r.to_dict(), "alpha": alpha} for r in ranked]
     if cfg.calibrate:
-        calibrate_alphas(ranked_dicts, reference, editor, ae, plan, target, alpha, cfg, probs)
+        calibrate_alphas(ranked_dicts, reference, editor, ae, plan, target, alpha, cfg, probs, run)
     result = {
         "target_class": plan.classes[target],
         "target_index": target,
@@ -273,15 +274,16 @@ def calibrate_alphas(
     alpha: float,
     cfg: RankConfig,
     probs: Any,
+    run: str | Path,
 ) -> None:
     """Give each ranked direction, and the reference, the smallest edit size (at most the
     training alpha) that flips ``cfg.flip_target`` of held-out validation cells; in place."""
     # validation cells: ranking and evaluation use the test split, so the edit size is never
     # tuned on the images it is scored on
-    x, _, _ = source_split(plan, target, cfg.calibration_images, cfg.seed + 3, split="val")
+    x, _, keys = source_split(plan, target, cfg.calibration_images, cfg.seed + 3, split="val")
     info(f"rank: calibrating alpha on {len(x)} validation cells (flip target {cfg.flip_target})")
     steps = cfg.calibration_ddim_steps
-    z, x_T = ae.encode(x, steps=steps, batch_size=cfg.batch_size)
+    z, x_T = encode_cached(ae, run, x, keys, steps, cfg.batch_size)
     zd = z.to(editor.space.mean.device)
     p0 = probs(ae.decode(z, x_T, steps=steps, batch_size=cfg.batch_size)).numpy()
 
