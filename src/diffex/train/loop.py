@@ -152,6 +152,12 @@ def compile_submodules(module: nn.Module) -> list[nn.Module]:
     return done
 
 
+def _compile_error(exc: Exception) -> bool:
+    """True for errors raised by torch.compile's machinery (dynamo, inductor, AOT autograd)."""
+    mod = type(exc).__module__ or ""
+    return mod.startswith(("torch._dynamo", "torch._inductor", "torch._functorch"))
+
+
 def uncompile(modules: list[nn.Module], exc: Exception, desc: str) -> list[nn.Module]:
     """Turn compilation off again after it failed, with a warning saying why."""
     from diffex.log import warn
@@ -190,7 +196,6 @@ def run_loop(
     cuda = device.type == "cuda"
     if cfg.channels_last if cfg.channels_last is not None else cuda:
         module.to(memory_format=torch.channels_last)
-    compiled = compile_submodules(module) if _want_compile(cfg, device) else []
     world, me = world_size(), rank()
     params = [p for p in module.parameters() if p.requires_grad]
     fused = cuda
@@ -198,6 +203,9 @@ def run_loop(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, fused=fused
     )
     ema = EMA(module, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    # compiled after the EMA copy is made: a copy of a compiled module would still call the
+    # original's forward; the EMA model (used for evaluation) stays eager
+    compiled = compile_submodules(module) if _want_compile(cfg, device) else []
     result = LoopResult(model=module)
     best_score, best_state, since_best = -math.inf, None, 0
     eval_every = cfg.eval_every or cfg.steps
@@ -257,34 +265,39 @@ def run_loop(
                 group["lr"] = lr_at(step, cfg)
             local = shard(batch, me, world)
             parts = min(cfg.accumulate, batch_len(local))
-            opt.zero_grad(set_to_none=True)
-            totals: dict[str, float] = {}
-            for part in range(parts):
-                try:
+
+            def forward_backward(step: int = step, local: Any = local, parts: int = parts):
+                """Gradients of the step's loss over its micro-batches; the mean losses."""
+                opt.zero_grad(set_to_none=True)
+                totals: dict[str, float] = {}
+                for part in range(parts):
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                         losses = loss_fn(module, shard(local, part, parts), step)
-                except DiffexError:
+                    loss = losses["loss"]
+                    if not torch.isfinite(loss):
+                        kept = (
+                            f"; the last good checkpoint is kept in {resume.path}"
+                            if resume is not None and resume.path.is_file()
+                            else ""
+                        )
+                        raise DiffexError(
+                            f"{desc}: loss became {loss.item()} at step {step + 1}{kept}; "
+                            "try a lower learning rate, or fp32 instead of bf16"
+                        )
+                    (loss / parts if parts > 1 else loss).backward()
+                    for k, v in losses.items():
+                        totals[k] = totals.get(k, 0.0) + float(v.detach()) / parts
+                return totals
+
+            try:
+                totals = forward_backward()
+            except DiffexError:
+                raise
+            except Exception as exc:
+                if not compiled or not (step == start_step or _compile_error(exc)):
                     raise
-                except Exception as exc:
-                    if not compiled or step != start_step or part:
-                        raise
-                    compiled = uncompile(compiled, exc, desc)  # first step: fall back to eager
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                        losses = loss_fn(module, shard(local, part, parts), step)
-                loss = losses["loss"]
-                if not torch.isfinite(loss):
-                    kept = (
-                        f"; the last good checkpoint is kept in {resume.path}"
-                        if resume is not None and resume.path.is_file()
-                        else ""
-                    )
-                    raise DiffexError(
-                        f"{desc}: loss became {loss.item()} at step {step + 1}{kept}; "
-                        "try a lower learning rate, or fp32 instead of bf16"
-                    )
-                (loss / parts if parts > 1 else loss).backward()
-                for k, v in losses.items():
-                    totals[k] = totals.get(k, 0.0) + float(v.detach()) / parts
+                compiled = uncompile(compiled, exc, desc)  # fall back to eager, redo the step
+                totals = forward_backward()
             average_gradients(params, device)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -311,7 +324,13 @@ def run_loop(
             if evaluate is not None and due:
                 model = ema.module if ema is not None else module
                 model.eval()
-                metrics = {"step": step + 1, **evaluate(model)}
+                try:
+                    metrics = {"step": step + 1, **evaluate(model)}
+                except Exception as exc:
+                    if not compiled or not _compile_error(exc):
+                        raise
+                    compiled = uncompile(compiled, exc, desc)
+                    metrics = {"step": step + 1, **evaluate(model)}
                 module.train()
                 result.evals.append(metrics)
                 if score_key is not None:
@@ -329,6 +348,8 @@ def run_loop(
                             break
             if resume is not None and ((step + 1) % resume.every == 0 or last):
                 checkpoint(step + 1)
+    for m in compiled:  # hand back a plain module: later inference sees other shapes
+        m._compiled_call_impl = None
     final = ema.module if ema is not None else module
     if best_state is not None:
         final.load_state_dict(best_state)
