@@ -24,6 +24,7 @@ from diffex.train.attach import AttachConfig, attach_classifier
 from diffex.train.autoencoder import AutoencoderTrainConfig, train_autoencoder
 from diffex.train.classifier import ClassifierTrainConfig, train_classifier
 from diffex.train.directions import DirectionTrainConfig, train_directions
+from diffex.train.resume import file_digest
 
 
 @dataclass
@@ -148,6 +149,8 @@ def run_demo(out: Path, cfg: DemoConfig, device: torch.device, seed: int = 0) ->
         spec = cfg.external
         attach = AttachConfig(image_size=cfg.classifier.image_size, seed=seed)
         classifier_cfg = {"external": spec.to_dict(), "attach": asdict(attach)}
+        if spec.kind == "torchscript" and Path(spec.source).is_file():
+            classifier_cfg["file"] = file_digest(spec.source)  # a changed file is a new model
         classify = lambda: attach_classifier(data, out, spec, attach, device)  # noqa: E731
     upstream = dict(synth_cfg)
     steps = {
