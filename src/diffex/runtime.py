@@ -22,17 +22,27 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-_compile: dict[str, bool | None] = {"choice": None}
+_speed: dict[str, bool | None] = {"compile": None, "channels_last": None}
 
 
 def set_compile(choice: bool | None) -> None:
     """``--compile/--no-compile``: torch.compile in training on or off (None: CUDA only)."""
-    _compile["choice"] = choice
+    _speed["compile"] = choice
 
 
 def compile_choice() -> bool | None:
     """The process-wide torch.compile choice (None: automatic)."""
-    return _compile["choice"]
+    return _speed["compile"]
+
+
+def set_channels_last(choice: bool | None) -> None:
+    """``--channels-last/--no-channels-last`` in training (None: CUDA only)."""
+    _speed["channels_last"] = choice
+
+
+def channels_last_choice() -> bool | None:
+    """The process-wide channels_last choice (None: automatic)."""
+    return _speed["channels_last"]
 
 
 def seed_everything(seed: int) -> None:

@@ -141,6 +141,17 @@ def _want_compile(cfg: LoopConfig, device: torch.device) -> bool:
     return device.type == "cuda" if choice is None else choice
 
 
+def _want_channels_last(cfg: LoopConfig, device: torch.device) -> bool:
+    """``cfg.channels_last``, else ``--channels-last/--no-channels-last``, else CUDA only (on
+    2 CPU cores it is 1.2 to 1.4 times faster too, but the recorded quality numbers are NCHW)."""
+    if cfg.channels_last is not None:
+        return cfg.channels_last
+    from diffex.runtime import channels_last_choice
+
+    choice = channels_last_choice()
+    return device.type == "cuda" if choice is None else choice
+
+
 def compile_submodules(module: nn.Module) -> list[nn.Module]:
     """``torch.compile`` every direct child with parameters, in place (state_dict keys keep
     their names, and methods other than ``forward``, e.g. ``training_loss``, still use them)."""
@@ -194,7 +205,7 @@ def run_loop(
     uninterrupted one. Returns the final (best or EMA) model.
     """
     cuda = device.type == "cuda"
-    if cfg.channels_last if cfg.channels_last is not None else cuda:
+    if _want_channels_last(cfg, device):
         module.to(memory_format=torch.channels_last)
     world, me = world_size(), rank()
     params = [p for p in module.parameters() if p.requires_grad]
