@@ -3,6 +3,7 @@ and natural RGB photos (JPEG, PNG) read and displayed in true colour."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +136,21 @@ def test_natural_rgb_folders_train_and_display_in_true_colour(tmp_path: Path, fm
     photo = read_image(next((root / "cats").iterdir()))
     shown = composite(photo / 255.0, plan["channel_colors"])
     assert np.abs(shown.astype(int) - photo.transpose(1, 2, 0).astype(int)).max() <= 1
+
+
+def test_demo_on_user_data_notices_changed_images(tmp_path: Path) -> None:
+    """The demo's resume fingerprint of --data changes when images are added or rewritten."""
+    from conftest import make_blob_folder
+
+    from diffex.pipeline import _listing
+
+    data = make_blob_folder(tmp_path / "blobs", n_per_class=4)
+    first = _listing(data)
+    assert _listing(data) == first
+    extra = data / "a" / "extra.png"
+    Image.new("RGB", (32, 32)).save(extra)
+    second = _listing(data)
+    assert second != first
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(extra)
+    os.utime(extra, ns=(1, 1))  # even with an old time stamp, the size or time differs
+    assert _listing(data) != second

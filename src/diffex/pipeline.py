@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from diffex.data.sources import open_source
 from diffex.data.spec import load_spec
 from diffex.data.synth import generate
 from diffex.errors import DiffexError
@@ -24,7 +25,7 @@ from diffex.train.attach import AttachConfig, attach_classifier
 from diffex.train.autoencoder import AutoencoderTrainConfig, train_autoencoder
 from diffex.train.classifier import ClassifierTrainConfig, train_classifier
 from diffex.train.directions import DirectionTrainConfig, train_directions
-from diffex.train.resume import file_digest
+from diffex.train.resume import digest, file_digest
 
 
 @dataclass
@@ -142,7 +143,7 @@ def run_demo(out: Path, cfg: DemoConfig, device: torch.device, seed: int = 0) ->
             )
     else:
         data = Path(cfg.data)
-        synth_cfg = {"data": str(data.resolve()), "seed": seed}
+        synth_cfg = {"data": str(data.resolve()), "seed": seed, "files": _listing(data)}
     classifier_cfg: Any = cfg.classifier
     classify = lambda: train_classifier(data, out, cfg.classifier, device)  # noqa: E731
     if cfg.external is not None:
@@ -181,6 +182,17 @@ def run_demo(out: Path, cfg: DemoConfig, device: torch.device, seed: int = 0) ->
     write_json(out / "demo_summary.json", summary)
     summary["report"] = str(build_report(out).resolve())
     return summary
+
+
+def _listing(data: Path) -> str:
+    """Digest of a data set's files, labels, sizes and times: added, removed or rewritten
+    images make every stage run again."""
+    source = open_source(data)
+    rows = []
+    for r in source.records:
+        st = r.path.stat()
+        rows.append([str(r.path), r.label, r.group, st.st_size, st.st_mtime_ns])
+    return digest(rows)
 
 
 def _settings(stage_cfg: Any) -> dict[str, Any]:
