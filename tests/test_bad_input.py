@@ -127,3 +127,28 @@ def test_console_script_prints_no_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert str(tmp_path / "absent") in proc.stderr
+
+
+def test_variadic_options_and_a_leading_separator() -> None:
+    """--conditions takes several values in a row; torchrun's '--' before the arguments is
+    dropped."""
+    from diffex.cli import expand_variadic, main
+
+    argv = ["prepare", "bbbc021", "--conditions", "DMSO@0.0", "taxol@0.3", "--out", "X"]
+    assert expand_variadic(argv) == [
+        "prepare",
+        "bbbc021",
+        "--conditions",
+        "DMSO@0.0",
+        "--conditions",
+        "taxol@0.3",
+        "--out",
+        "X",
+    ]
+    assert expand_variadic(["--conditions", "a", "--conditions", "b"]) == [
+        "--conditions",
+        "a",
+        "--conditions",
+        "b",
+    ]
+    assert main(["--", "--version"]) == 0
