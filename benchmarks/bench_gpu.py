@@ -136,6 +136,19 @@ def _timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def inference_model(
+    model: str, device: torch.device, optimised: bool, compile_cpu: bool
+) -> DiffusionAutoencoder:
+    """An autoencoder for decoding: plain, or channels_last and compiled (on a CPU only with
+    ``--compile``)."""
+    ae = build(model, device).eval()
+    if optimised:
+        ae.unet.to(memory_format=torch.channels_last)
+        if device.type == "cuda" or compile_cpu:
+            compile_submodules(ae)
+    return ae
+
+
 def decode_speed(
     model: str,
     device: torch.device,
@@ -146,11 +159,7 @@ def decode_speed(
     compile_cpu: bool,
 ) -> dict[str, Any]:
     """Image-steps per second of deterministic DDIM decoding."""
-    ae = build(model, device).eval()
-    if optimised:
-        ae.unet.to(memory_format=torch.channels_last)
-        if device.type == "cuda" or compile_cpu:
-            compile_submodules(ae)
+    ae = inference_model(model, device, optimised, compile_cpu)
     z = torch.randn(batch, int(ae.config.z_dim or 0), device=device)
     size = ae.config.unet.image_size
     x_T = torch.randn(batch, ae.config.unet.in_channels, size, size, device=device)
@@ -169,11 +178,7 @@ def ranking_time(
     compile_cpu: bool,
 ) -> dict[str, Any]:
     """Seconds for AttFind's decoding work: invert N images, decode N x K x 2 edits, score."""
-    ae = build(model, device).eval()
-    if optimised:
-        ae.unet.to(memory_format=torch.channels_last)
-        if device.type == "cuda" or compile_cpu:
-            compile_submodules(ae)
+    ae = inference_model(model, device, optimised, compile_cpu)
     size = ae.config.unet.image_size
     x = torch.rand(n_images, ae.config.unet.in_channels, size, size, device=device) * 2 - 1
     dirs = torch.nn.functional.normalize(torch.randn(k, int(ae.config.z_dim or 0)), dim=1)

@@ -14,6 +14,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 torch.set_num_threads(2)
 
 
+#: train-classifier options for a quick, tiny classifier (a test's plumbing, not its accuracy).
+FAST_CLASSIFIER = ["--image-size", "32", "--preset", "tiny", "--epochs", "1", "--min-steps", "1"]
+
+
 def blob_image(rng: np.random.Generator, size: int, bright: bool, channels: int = 3) -> np.ndarray:
     """An (H, W, C) uint8 image with a disc whose size depends on the class (easy to classify)."""
     yy, xx = np.mgrid[:size, :size]

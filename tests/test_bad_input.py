@@ -9,11 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_blob_folder, write_png
+from conftest import FAST_CLASSIFIER, make_blob_folder, write_png
 
 from diffex.cli import main
-
-FAST = ["--epochs", "1", "--min-steps", "1", "--preset", "tiny", "--image-size", "32"]
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -32,7 +30,8 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
 
 
 def train(data: Path, run: Path) -> list[str]:
-    return ["--device", "cpu", "train-classifier", "--data", str(data), "--run", str(run), *FAST]
+    args = ["--device", "cpu", "train-classifier", "--data", str(data), "--run", str(run)]
+    return [*args, *FAST_CLASSIFIER]
 
 
 def test_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

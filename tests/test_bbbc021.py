@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from conftest import FAST_CLASSIFIER
 
 from diffex.data.bbbc021 import Bbbc021Config, find_nuclei, parse_condition, prepare_bbbc021
 from diffex.data.images import read_image
@@ -336,8 +337,7 @@ def test_cli_prepares_the_published_layout_and_trains_on_it(
     assert labels == {"DMSO@0.0", "moa_Actin_disruptors"}
     run = tmp_path / "run"
     train = ["train-classifier", "--data", str(out / "manifest.csv"), "--run", str(run)]
-    tiny = ["--image-size", "32", "--preset", "tiny", "--epochs", "1", "--min-steps", "1"]
-    assert main(["--device", "cpu", *train, *tiny]) == 0
+    assert main(["--device", "cpu", *train, *FAST_CLASSIFIER]) == 0
     plan = RunDir(run).load_plan()
     assert plan.channel_names == ["DAPI", "tubulin", "actin"]
     assert len({g for s in plan.groups.values() for g in s}) == 3

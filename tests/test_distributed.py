@@ -89,22 +89,15 @@ def test_two_gloo_ranks_end_identical_and_equal_one_process(tmp_path: Path) -> N
         d.mkdir()
     proc = _torchrun([str(script), str(two), "1"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    solo = subprocess.run(
-        [sys.executable, str(script), str(one), "1"],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert solo.returncode == 0, solo.stderr[-2000:]
-    accumulated = subprocess.run(
-        [sys.executable, str(script), str(acc), "4"],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert accumulated.returncode == 0, accumulated.stderr[-2000:]
+    for out, accumulate in ((one, "1"), (acc, "4")):  # one process, whole or micro-batches
+        solo = subprocess.run(
+            [sys.executable, str(script), str(out), accumulate],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert solo.returncode == 0, solo.stderr[-2000:]
     r0, r1 = _weights(two / "rank0.safetensors"), _weights(two / "rank1.safetensors")
     single = _weights(one / "rank0.safetensors")
     micro = _weights(acc / "rank0.safetensors")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import blob_image
+from conftest import FAST_CLASSIFIER, blob_image
 from PIL import Image
 
 from diffex.cli import main
@@ -118,14 +118,7 @@ def test_natural_rgb_folders_train_and_display_in_true_colour(tmp_path: Path, fm
                 str(root),
                 "--run",
                 str(run),
-                "--image-size",
-                "32",
-                "--preset",
-                "tiny",
-                "--epochs",
-                "1",
-                "--min-steps",
-                "1",
+                *FAST_CLASSIFIER,
             ]
         )
         == 0

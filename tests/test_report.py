@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import make_blob_folder
+from conftest import FAST_CLASSIFIER, make_blob_folder
 
 from diffex.cli import main
 from diffex.report.html import build_report
@@ -41,18 +41,7 @@ def hostile_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (data / "manifest.csv").write_text("\n".join(lines) + "\n")
     run = root / "run"
     args = ["--device", "cpu", "train-classifier", "--data", str(data / "manifest.csv")]
-    args += [
-        "--run",
-        str(run),
-        "--epochs",
-        "1",
-        "--min-steps",
-        "1",
-        "--preset",
-        "tiny",
-        "--image-size",
-        "32",
-    ]
+    args += ["--run", str(run), *FAST_CLASSIFIER]
     assert main(args) == 0
     build_report(run)
     return run

@@ -39,8 +39,7 @@ class Options:
             configure_threads,
             resolve_device,
             seed_everything,
-            set_channels_last,
-            set_compile,
+            set_speed,
         )
         from diffex.train.distributed import process_device
 
@@ -48,8 +47,7 @@ class Options:
             set_pixel_limit(self.max_pixels)
         configure_threads()
         seed_everything(self.seed)
-        set_compile(self.compile)
-        set_channels_last(self.channels_last)
+        set_speed(compile=self.compile, channels_last=self.channels_last)
         device = process_device(resolve_device(self.device_name))
         if device.type == "cuda" and device.index is not None:
             import torch

@@ -22,27 +22,21 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+#: Process-wide training switches (``--compile``, ``--channels-last``); None: automatic.
 _speed: dict[str, bool | None] = {"compile": None, "channels_last": None}
 
 
-def set_compile(choice: bool | None) -> None:
-    """``--compile/--no-compile``: torch.compile in training on or off (None: CUDA only)."""
-    _speed["compile"] = choice
+def set_speed(**choices: bool | None) -> None:
+    """Set switches from the global options, e.g. ``set_speed(compile=False)``."""
+    unknown = set(choices) - set(_speed)
+    if unknown:
+        raise DiffexError(f"unknown speed switch(es): {', '.join(sorted(unknown))}")
+    _speed.update(choices)
 
 
-def compile_choice() -> bool | None:
-    """The process-wide torch.compile choice (None: automatic)."""
-    return _speed["compile"]
-
-
-def set_channels_last(choice: bool | None) -> None:
-    """``--channels-last/--no-channels-last`` in training (None: CUDA only)."""
-    _speed["channels_last"] = choice
-
-
-def channels_last_choice() -> bool | None:
-    """The process-wide channels_last choice (None: automatic)."""
-    return _speed["channels_last"]
+def speed_choice(name: str) -> bool | None:
+    """A switch's process-wide setting (None: automatic, i.e. on with CUDA only)."""
+    return _speed[name]
 
 
 def seed_everything(seed: int) -> None:

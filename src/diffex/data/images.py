@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffex.errors import DiffexError
+from diffex.errors import DiffexError, brief
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -52,7 +52,7 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
         raise
     except Exception as exc:  # noqa: BLE001 - any decoder failure means a bad file
         raise DiffexError(
-            f"cannot read image {path}: corrupt or truncated ({_short(exc)})"
+            f"cannot read image {path}: corrupt or truncated ({brief(exc, 120)})"
         ) from None
     if arr.size == 0 or min(arr.shape[1:]) == 0:
         raise DiffexError(f"image {path} is empty (shape {arr.shape})")
@@ -77,11 +77,6 @@ def dtype_max(dtype: np.dtype) -> float:
     if dtype.kind in "ui":
         return float(np.iinfo(dtype).max)
     return 1.0
-
-
-def _short(exc: Exception) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:120]
 
 
 def _check_pixels(path: Path, h: int, w: int, max_pixels: int) -> None:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffex.config import build
-from diffex.errors import DiffexError
+from diffex.errors import DiffexError, brief
 
 KINDS = ("torchscript", "entry")
 PIXEL_SCALES = ("unit", "model")
@@ -96,14 +96,14 @@ def load_network(spec: ExternalSpec, weights: Path | None = None) -> nn.Module:
                 return torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:  # noqa: BLE001 - any loader failure means a bad file
             raise DiffexError(
-                f"cannot load TorchScript classifier {path}: {_short(exc)}; save it with "
+                f"cannot load TorchScript classifier {path}: {brief(exc)}; save it with "
                 "torch.jit.save(torch.jit.script(model) or torch.jit.trace(model, x), path)"
             ) from None
     factory = resolve_entry(spec.source)
     try:
         module = factory()
     except Exception as exc:  # noqa: BLE001 - the user's code failed
-        raise DiffexError(f"classifier entry {spec.source} failed: {_short(exc)}") from None
+        raise DiffexError(f"classifier entry {spec.source} failed: {brief(exc)}") from None
     if not isinstance(module, nn.Module):
         raise DiffexError(
             f"classifier entry {spec.source} returned {type(module).__name__}, "
@@ -134,14 +134,14 @@ def resolve_entry(entry: str) -> Any:
         try:
             spec.loader.exec_module(module)
         except Exception as exc:  # noqa: BLE001 - the user's code failed
-            raise DiffexError(f"importing {path} failed: {_short(exc)}") from None
+            raise DiffexError(f"importing {path} failed: {brief(exc)}") from None
     else:
         if "" not in sys.path and str(Path.cwd()) not in sys.path:
             sys.path.insert(0, str(Path.cwd()))
         try:
             module = importlib.import_module(module_name)
         except Exception as exc:  # noqa: BLE001 - not importable
-            raise DiffexError(f"cannot import module {module_name!r}: {_short(exc)}") from None
+            raise DiffexError(f"cannot import module {module_name!r}: {brief(exc)}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise DiffexError(f"{module_name} has no callable {attr!r}")
@@ -311,7 +311,7 @@ def validate_classifier(model: ExternalClassifier, x: torch.Tensor) -> None:
         raise DiffexError(
             f"classifier {source} failed on a batch of {len(x)} images of shape {shape} "
             f"(declared --input-size {model.input_size}, {model.net_channels} channel(s)): "
-            f"{_short(exc)}"
+            f"{brief(exc)}"
         ) from None
     n = len(model.class_names)
     if out.ndim != 2 or out.shape[0] != len(x):
@@ -332,7 +332,7 @@ def validate_classifier(model: ExternalClassifier, x: torch.Tensor) -> None:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's feature method failed
         raise DiffexError(
-            f"classifier {source} features {model.spec.features!r} failed: {_short(exc)}"
+            f"classifier {source} features {model.spec.features!r} failed: {brief(exc)}"
         ) from None
     if feats.ndim != 2 or feats.shape[0] != len(x) or not torch.isfinite(feats).all():
         raise DiffexError(
@@ -345,14 +345,3 @@ def validate_classifier(model: ExternalClassifier, x: torch.Tensor) -> None:
 def _channel_vector(values: list[float], n: int) -> torch.Tensor:
     v = torch.tensor([float(x) for x in values], dtype=torch.float32)
     return v.expand(n).clone() if len(v) == 1 else v
-
-
-def _short(exc: Exception) -> str:
-    """One line of an exception: TorchScript errors carry a serialized traceback, whose last
-    line is the actual message."""
-    text = str(exc)
-    if "Traceback" in text:
-        lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-        text = lines[-1] if lines else type(exc).__name__
-    text = " ".join(text.split()) or type(exc).__name__
-    return text[:200]

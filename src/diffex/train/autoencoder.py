@@ -21,7 +21,7 @@ from diffex.report.grids import reconstruction_grid
 from diffex.report.plots import training_curve
 from diffex.rundir import RunDir
 from diffex.train.classifier import augment_batch, load_classifier
-from diffex.train.distributed import pinned, rank
+from diffex.train.distributed import rank, training_pool
 from diffex.train.loop import EpochSampler, LoopConfig, run_loop
 from diffex.train.resume import stage_resume, weights_digest
 
@@ -131,7 +131,7 @@ def train_autoencoder(
     )
     gen = torch.Generator().manual_seed(cfg.seed + 11 + 1_000_003 * rank())  # noise per rank
     sampler = iter(EpochSampler(len(train.y), cfg.batch_size, cfg.seed))
-    pool = pinned(train.x, device)
+    pool = training_pool(train.x, device)
     batches = (pool[i] for i in sampler)
 
     def loss_fn(m: torch.nn.Module, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from diffex.models.external import KINDS
 from diffex.models.protocol import Classifier
 from diffex.report.plots import confusion_and_reliability, training_curve
 from diffex.rundir import RunDir
-from diffex.train.distributed import pinned, rank
+from diffex.train.distributed import rank, training_pool
 from diffex.train.loop import EpochSampler, LoopConfig, run_loop
 from diffex.train.resume import digest, stage_resume
 
@@ -113,7 +113,7 @@ def train_classifier(
     )
     aug_gen = torch.Generator().manual_seed(cfg.seed + 1 + 1_000_003 * rank())
     sampler = iter(EpochSampler(len(train.y), cfg.batch_size, cfg.seed))
-    pool = pinned(train.x, device)
+    pool = training_pool(train.x, device)
     batches = ((pool[i], train.y[i]) for i in sampler)
 
     def loss_fn(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int):

@@ -47,7 +47,7 @@ def process_device(device: torch.device) -> torch.device:
     return device
 
 
-def pinned(x: torch.Tensor, device: torch.device, max_gib: float = 2.0) -> torch.Tensor:
+def training_pool(x: torch.Tensor, device: torch.device, max_gib: float = 2.0) -> torch.Tensor:
     """Where a stage keeps its training images: on the GPU itself when they fit in ``max_gib``
     (no copy per step at all), else in page-locked memory; on a CPU, as they are. The data set is
     decoded into memory once, so no loader workers are needed."""

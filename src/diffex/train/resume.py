@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from diffex.errors import DiffexError
-from diffex.io.atomic import write_atomic, write_json
+from diffex.io.atomic import read_json, write_atomic, write_json
 
 if TYPE_CHECKING:
     from diffex.rundir import RunDir
@@ -213,13 +213,7 @@ def weights_digest(run: RunDir, stage: str) -> str:
     not fix its behaviour: a user's classifier with its declared input handling)."""
     weights = run.weights(stage)
     config = weights.parent / "config.json"
-    if weights.name == "model.safetensors" and '"external"' not in _text(config):
+    external = config.is_file() and "external" in read_json(config)
+    if weights.name == "model.safetensors" and not external:
         return file_digest(weights)
     return file_digest(weights)[:8] + file_digest(config)[:8]
-
-
-def _text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError:
-        return ""
