@@ -151,3 +151,14 @@ def test_variadic_options_and_a_leading_separator() -> None:
         "b",
     ]
     assert main(["--", "--version"]) == 0
+
+
+def test_bad_orientation_in_dataset_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_blob_folder(tmp_path / "blobs", n_per_class=6)
+    (data / "dataset.json").write_text('{"orientation": "sideways"}')
+    assert main(train(data, tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert "dataset.json" in err and "sideways" in err
