@@ -32,7 +32,7 @@ def _train(cfg: LoopConfig) -> dict[str, torch.Tensor]:
 
 
 def test_channels_last_and_accumulation_change_nothing_but_speed() -> None:
-    plain = _train(LoopConfig(steps=5, lr=0.05))
+    plain = _train(LoopConfig(steps=5, lr=0.05, channels_last=False))
     nhwc = _train(LoopConfig(steps=5, lr=0.05, channels_last=True))
     micro = _train(LoopConfig(steps=5, lr=0.05, accumulate=4))
     for key in plain:
@@ -60,3 +60,26 @@ def test_failing_compile_falls_back_to_eager(
 def test_accumulate_must_be_positive() -> None:
     with pytest.raises(DiffexError, match="accumulate"):
         LoopConfig(steps=1, accumulate=0)
+
+
+def test_speed_switch_defaults_and_overrides() -> None:
+    """channels_last is on by default on any device, compile only with CUDA; the global option
+    overrides the default and a stage's own setting overrides both."""
+    from diffex.runtime import set_speed, speed_on, to_channels_last
+
+    cpu = torch.device("cpu")
+    try:
+        assert speed_on("channels_last", cpu) and not speed_on("compile", cpu)
+        assert speed_on("compile", "cuda")
+        assert not speed_on("channels_last", cpu, value=False)
+        conv = torch.nn.Conv2d(3, 4, 3)
+        to_channels_last(conv, cpu)
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        assert not conv.weight.is_contiguous()
+        set_speed(channels_last=False)
+        assert not speed_on("channels_last", cpu) and speed_on("channels_last", cpu, value=True)
+        plain = torch.nn.Conv2d(3, 4, 3)
+        to_channels_last(plain, cpu)
+        assert plain.weight.is_contiguous()
+    finally:
+        set_speed(channels_last=None)

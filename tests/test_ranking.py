@@ -242,6 +242,40 @@ def test_direction_not_reused_with_other_sign():
     assert ranked[0].flip_rate == 0.5 and ranked[1].flip_rate == 0.0
 
 
+def _leftover_effects() -> EditEffects:
+    """20 images: direction 0 explains 14, direction 1 five of the six left, direction 2 only
+    the last one."""
+    p = np.full((3, 2, 20), 0.05)
+    p[0, 0, :14] = 0.85
+    p[1, 0, 14:19] = 0.85
+    p[2, 0, 19] = 0.65
+    return _hand_effects(p)
+
+
+def test_floor_on_images_explained_stops_before_a_leftover_direction():
+    eff = _leftover_effects()
+    everything = attfind(eff, 1, M=3, threshold=0.25)
+    assert [(d.direction, d.n_explained) for d in everything] == [(0, 14), (1, 5), (2, 1)]
+    assert everything.stop_reason == "M = 3 reached"
+    floored = attfind(eff, 1, M=3, threshold=0.25, min_explained=0.2)  # floor: 4 images
+    assert [(d.direction, d.n_explained) for d in floored] == [(0, 14), (1, 5)]
+    assert "direction 2 (+)" in floored.stop_reason
+    assert "1 of 20 images" in floored.stop_reason and "floor of 4" in floored.stop_reason
+    assert floored[:2] == everything[:2]  # the floor only cuts the tail
+    # a floor that even the first direction misses ranks nothing
+    assert attfind(eff, 1, M=3, threshold=0.25, min_explained=0.75) == []
+
+
+def test_stop_reasons_name_what_ended_the_ranking():
+    eff = _leftover_effects()
+    assert attfind(eff, 1, M=1).stop_reason == "M = 1 reached"
+    high = attfind(eff, 1, M=3, threshold=0.99, min_threshold=0.99)
+    assert high == [] and "not above the threshold 0.99" in high.stop_reason
+    assert attfind(eff, 1, M=3, images=[]).stop_reason == "every source image is explained"
+    with pytest.raises(DiffexError, match="min_explained"):
+        attfind(eff, 1, M=1, min_explained=1.5)
+
+
 def test_nan_effects_terminate():
     eff = _hand_effects(np.full((3, 2, 5), np.nan))
     assert attfind(eff, 1, M=3) == []

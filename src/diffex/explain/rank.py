@@ -42,6 +42,7 @@ class RankConfig:
     n_images: int = 64
     ddim_steps: int = 20
     threshold: float = 0.25
+    min_explained: float = 0.05
     batch_size: int = 128
     keep_flagged: bool = False
     calibrate: bool = True
@@ -58,6 +59,8 @@ class RankConfig:
             raise DiffexError("calibration images, steps and DDIM steps must be >= 1")
         if self.m < 1:
             raise DiffexError(f"m (directions to rank) must be >= 1, got {self.m}")
+        if not 0 <= self.min_explained <= 1:
+            raise DiffexError(f"min_explained must be a share in [0, 1], got {self.min_explained}")
         if self.n_images < 1 or self.ddim_steps < 1:
             raise DiffexError("n_images and ddim_steps must be >= 1")
 
@@ -192,8 +195,9 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
         flagged=flags,
         skip_flagged=not cfg.keep_flagged,
         images=np.arange(len(x)),
+        min_explained=cfg.min_explained,
     )
-    info("rank:\n" + format_ranking(ranked))
+    info("rank:\n" + format_ranking(ranked) + f"\nrank: stopped because {ranked.stop_reason}")
     reference = class_mean_reference(
         editor, z, x_T, decode, probs, target, alpha, effects.p_recon(target), effects.pred_recon
     )
@@ -208,6 +212,7 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
         "ddim_steps": cfg.ddim_steps,
         "source_classes": [c for i, c in enumerate(plan.classes) if i != target],
         "directions": ranked_dicts,
+        "stop_reason": ranked.stop_reason,
         "reference": reference,
         "all_pairs": pairs,
         "unedited_mean_p_target": float(effects.p_recon(target).mean()),

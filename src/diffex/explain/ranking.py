@@ -274,6 +274,14 @@ class RankedDirection:
         }
 
 
+class Ranking(list):
+    """The accepted :class:`RankedDirection` s, in rank order, with why the ranking stopped."""
+
+    def __init__(self, items: Iterable[RankedDirection] = (), stop_reason: str = "") -> None:
+        super().__init__(items)
+        self.stop_reason = stop_reason
+
+
 Pair = tuple[int, int]
 
 
@@ -323,7 +331,8 @@ def attfind(
     flagged: Mapping[Pair, Sequence[str]] | Iterable[Pair] | None = None,
     skip_flagged: bool = True,
     images: np.ndarray | Sequence[int] | None = None,
-) -> list[RankedDirection]:
+    min_explained: float = 0.0,
+) -> Ranking:
     """Greedy AttFind ranking of (direction, sign) pairs for class ``target``.
 
     Source images: ``images`` (a boolean mask or indices into the effects' images; pass the
@@ -338,18 +347,24 @@ def attfind(
     3. accept it if that mean is > t_r = max(min_threshold, threshold - r * threshold_step),
        otherwise stop;
     4. the images it explains, {i in R : delta_i >= its mean over R} plus the image with the
-       largest delta_i (so at least one), leave R; direction k is marked used.
+       largest delta_i (so at least one), leave R; direction k is marked used. If they are
+       fewer than ``min_explained`` of all source images (a share; at least one image), the
+       candidate is not accepted and the ranking stops: a direction that explains a handful of
+       leftover cells describes those cells, not the class.
 
     Stops when M directions are accepted, no candidate is left, R is empty, or the best
-    candidate fails the threshold. Every accepted round marks one more of the K directions
-    used, so there are at most K rounds. ``flagged`` maps (k, s) to artifact flags (or is a
-    set of pairs); with ``skip_flagged=False`` flagged pairs may be chosen and carry their flags.
+    candidate fails the threshold or the floor (``stop_reason`` of the result says which).
+    Every accepted round marks one more of the K directions used, so there are at most K rounds.
+    ``flagged`` maps (k, s) to artifact flags (or is a set of pairs); with
+    ``skip_flagged=False`` flagged pairs may be chosen and carry their flags.
     """
     if isinstance(M, bool) or not isinstance(M, (int, np.integer)) or M < 1:
         raise DiffexError(f"number of directions to rank M must be a positive integer, got {M!r}")
     K = effects.n_directions
     if M > K:
         raise DiffexError(f"cannot rank M={M} directions: only K={K} directions exist")
+    if not 0 <= min_explained <= 1:
+        raise DiffexError(f"min_explained must be a share in [0, 1], got {min_explained}")
     if not (threshold_step >= 0 and 0 <= min_threshold <= threshold):
         raise DiffexError(
             "AttFind thresholds need threshold_step >= 0 and 0 <= min_threshold <= threshold, "
@@ -368,22 +383,42 @@ def attfind(
             if 0 <= k < K:
                 allowed[k, sign_index(s)] = False
 
-    ranked: list[RankedDirection] = []
+    ranked = Ranking()
     remaining = src.copy()
+    floor = max(1, int(np.ceil(min_explained * src.size - 1e-9)))
     for r in range(K):  # each accepted round uses one direction: at most K rounds
-        if len(ranked) >= M or remaining.size == 0 or not allowed.any():
+        if len(ranked) >= M:
+            ranked.stop_reason = f"M = {M} reached"
+            break
+        if remaining.size == 0:
+            ranked.stop_reason = "every source image is explained"
+            break
+        if not allowed.any():
+            ranked.stop_reason = "no direction left"
             break
         means = delta[:, :, remaining].mean(axis=2)
         means = np.where(allowed & np.isfinite(means), means, -np.inf)
         k, si = np.unravel_index(int(np.argmax(means)), means.shape)
         best = float(means[k, si])
+        s = SIGNS[si]
+        name = f"direction {int(k)} ({'+' if s > 0 else '-'})"
         t_r = max(float(min_threshold), float(threshold) - r * float(threshold_step))
         if not best > t_r:
+            ranked.stop_reason = (
+                f"the best remaining edit, {name}, raises p(target) by {best:.3f} on the "
+                f"unexplained images, not above the threshold {t_r:.2f}"
+            )
             break
         d = delta[k, si, remaining]
         explained = d >= best
         explained[int(np.argmax(d))] = True
-        s = SIGNS[si]
+        if int(explained.sum()) < floor:
+            ranked.stop_reason = (
+                f"the best remaining edit, {name}, would explain {int(explained.sum())} of "
+                f"{src.size} images, fewer than the floor of {floor} "
+                f"({min_explained:.0%} of the images)"
+            )
+            break
         ranked.append(
             RankedDirection(
                 rank=len(ranked) + 1,
@@ -399,13 +434,15 @@ def attfind(
         )
         remaining = remaining[~explained]
         allowed[k, :] = False
+    else:
+        ranked.stop_reason = f"M = {M} reached" if len(ranked) >= M else "no direction left"
     return ranked
 
 
 def format_ranking(ranked: Sequence[RankedDirection]) -> str:
     """A plain-text table of the ranking (for the console)."""
     if not ranked:
-        return "no direction passed the AttFind threshold"
+        return "no direction ranked"
     lines = ["rank  direction  sign  mean dp  dp(round)  flip rate  explained  flags"]
     for d in ranked:
         lines.append(

@@ -246,6 +246,7 @@ def _directions_section(root: Path) -> dict[str, Any] | None:
         "explained": explained,
         "n_flagged": len(flagged),
         "unedited_p": _fmt(ranking.get("unedited_mean_p_target")),
+        "stop_reason": ranking.get("stop_reason", ""),
     }
 
 

@@ -20,6 +20,7 @@ from diffex.models.protocol import Classifier
 from diffex.report.grids import reconstruction_grid
 from diffex.report.plots import training_curve
 from diffex.rundir import RunDir
+from diffex.runtime import to_channels_last
 from diffex.train.classifier import augment_batch, load_classifier
 from diffex.train.distributed import rank, training_pool
 from diffex.train.loop import EpochSampler, LoopConfig, run_loop
@@ -262,4 +263,7 @@ def load_autoencoder(
     mcfg = AutoencoderConfig.from_dict(cfg["model"], f"{folder}/config.json model")
     model = DiffusionAutoencoder(mcfg, classifier)
     load_state(model, folder / "model.safetensors")
-    return model.to(device).eval()
+    model.to(device).eval()
+    to_channels_last(model.encoder, device)
+    to_channels_last(model.unet, device)
+    return model

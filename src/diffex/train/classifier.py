@@ -22,6 +22,7 @@ from diffex.models.external import KINDS
 from diffex.models.protocol import Classifier
 from diffex.report.plots import confusion_and_reliability, training_curve
 from diffex.rundir import RunDir
+from diffex.runtime import to_channels_last
 from diffex.train.distributed import rank, training_pool
 from diffex.train.loop import EpochSampler, LoopConfig, run_loop
 from diffex.train.resume import digest, stage_resume
@@ -247,6 +248,7 @@ def load_classifier(run: str | Path, device: torch.device | str = "cpu") -> Clas
             ClassifierConfig.from_dict(cfg["model"], f"{folder}/config.json model")
         )
         load_state(model, folder / "model.safetensors")
+        to_channels_last(model, device)
     else:
         raise DiffexError(f"{folder / 'config.json'} does not describe a classifier DiffEx knows")
     return model.to(device).eval().requires_grad_(False)

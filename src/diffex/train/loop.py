@@ -49,7 +49,7 @@ class LoopConfig:
     precision: str = "fp32"  # "fp32" or "bf16" (autocast)
     accumulate: int = 1  # micro-batches per optimiser step (same global batch, less memory)
     compile: bool | None = None  # torch.compile the submodules; None: on CUDA only
-    channels_last: bool | None = None  # NHWC weights for convolutions; None: on CUDA only
+    channels_last: bool | None = None  # NHWC weights for convolutions; None: automatic
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -133,15 +133,10 @@ def lr_at(step: int, cfg: LoopConfig) -> float:
 
 def _wanted(cfg: LoopConfig, name: str, device: torch.device) -> bool:
     """A speed switch (``compile``, ``channels_last``): the loop config's, else the global
-    option's, else on with CUDA only (channels_last is 1.2 to 1.4 times faster on 2 CPU cores
-    too, but the recorded quality numbers are NCHW)."""
-    value = getattr(cfg, name)
-    if value is not None:
-        return bool(value)
-    from diffex.runtime import speed_choice
+    option's, else automatic (:func:`diffex.runtime.speed_on`)."""
+    from diffex.runtime import speed_on
 
-    choice = speed_choice(name)
-    return device.type == "cuda" if choice is None else choice
+    return speed_on(name, device, getattr(cfg, name))
 
 
 def compile_submodules(module: nn.Module) -> list[nn.Module]:
