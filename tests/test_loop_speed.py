@@ -83,3 +83,13 @@ def test_speed_switch_defaults_and_overrides() -> None:
         assert plain.weight.is_contiguous()
     finally:
         set_speed(channels_last=None)
+
+
+def test_native_bf16_follows_the_hardware_probes() -> None:
+    from diffex.runtime import native_bf16
+
+    probes = (torch.cpu._is_avx512_bf16_supported(), torch.cpu._is_amx_tile_supported())
+    assert native_bf16("cpu") is any(probes)
+    assert native_bf16(torch.device("meta")) is False
+    if not torch.cuda.is_available():
+        assert native_bf16("cuda") is False

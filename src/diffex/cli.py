@@ -589,7 +589,8 @@ def _autoencoder_options(f: Any) -> Any:
             type=click.Choice(["auto", "fp32", "bf16"]),
             default="auto",
             show_default=True,
-            help="auto: bf16 autocast on GPUs that support it, fp32 on CPUs.",
+            help="auto: bf16 autocast where the hardware has native bf16 (recent GPUs; CPUs with "
+            "AVX512-BF16 or AMX), else fp32.",
         ),
         click.option(
             "--classifier-output",

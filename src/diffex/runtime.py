@@ -51,6 +51,21 @@ def speed_on(name: str, device: torch.device | str, value: bool | None = None) -
     return name == "channels_last" or torch.device(device).type == "cuda"
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX (where oneDNN runs bf16 convolutions about 1.4 times faster than fp32)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type != "cpu":
+        return False
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    try:
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+    except RuntimeError:  # a torch build without these probes
+        return False
+
+
 def to_channels_last(module: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
     """Convert a network's convolution weights to NHWC in place when channels_last is on."""
     if speed_on("channels_last", device):

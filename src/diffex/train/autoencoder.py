@@ -20,7 +20,7 @@ from diffex.models.protocol import Classifier
 from diffex.report.grids import reconstruction_grid
 from diffex.report.plots import training_curve
 from diffex.rundir import RunDir
-from diffex.runtime import to_channels_last
+from diffex.runtime import native_bf16, to_channels_last
 from diffex.train.classifier import augment_batch, load_classifier
 from diffex.train.distributed import rank, training_pool
 from diffex.train.loop import EpochSampler, LoopConfig, run_loop
@@ -117,7 +117,8 @@ def train_autoencoder(
 
     precision = cfg.precision
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        precision = "bf16" if native_bf16(device) else "fp32"
+    info(f"autoencoder: {precision} training ({cfg.precision})")
     loop = LoopConfig(
         steps=cfg.steps,
         lr=cfg.lr,
