@@ -130,14 +130,15 @@ def _stat(values: list[Any], digits: int) -> str:
     return f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f}"
 
 
-def table(results: dict[int, dict[str, Any]], host: str) -> str:
+def table(results: dict[int, dict[str, Any]], host: str, flags: str = "") -> str:
+    """The markdown block for BENCHMARKS.md; ``flags`` are the options the run left out."""
     seeds = sorted(results)
     cols = [c for c in COLUMNS if any(c in results[s]["methods"] for s in seeds)]
     lines = [
         BEGIN,
         "## Quality: the default demo over seeds, DiffEx beside the paper's objective and GCD",
         "",
-        f"Command: `python benchmarks/quality.py --seeds {' '.join(map(str, seeds))}`. "
+        f"Command: `python benchmarks/quality.py --seeds {' '.join(map(str, seeds))}{flags}`. "
         f"Machine: {host}. Mean ± sd over seeds {', '.join(map(str, seeds))}.",
         "Every column is scored by `diffex evaluate` on the same held-out cells, classifier and "
         "autoencoder. `DiffEx (classifier objective)`: DiffEx as shipped; `DiffEx (paper "
@@ -236,7 +237,10 @@ def main() -> None:
             "methods": ev["comparison"]["methods"],
             "seconds": seconds(run),
         }
-        write_benchmarks(args.benchmarks, table(results, machine()))
+        flags = "".join(
+            f" --{k}" for k in ("no-paper", "no-gcd") if getattr(args, k.replace("-", "_"))
+        )
+        write_benchmarks(args.benchmarks, table(results, machine(), flags))
     print(args.benchmarks.read_text(encoding="utf-8"))
 
 
