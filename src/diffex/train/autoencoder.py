@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -172,8 +172,12 @@ def train_autoencoder(
         device,
         callbacks=[sample_grid],
         desc="autoencoder",
-        resume=stage_resume(
-            rd, "autoencoder", cfg, {"noise": gen}, classifier=weights_digest(rd, "classifier")
+        resume=stage_resume(  # the resolved precision: never resume bf16 steps in fp32
+            rd,
+            "autoencoder",
+            replace(cfg, precision=precision),
+            {"noise": gen},
+            classifier=weights_digest(rd, "classifier"),
         ),
     )
     ema = result.model
