@@ -386,7 +386,7 @@ def attfind(
     ranked = Ranking()
     remaining = src.copy()
     floor = max(1, int(np.ceil(min_explained * src.size - 1e-9)))
-    for r in range(K):  # each accepted round uses one direction: at most K rounds
+    for r in range(K + 1):  # each accepted round uses a direction: round K always stops
         if len(ranked) >= M:
             ranked.stop_reason = f"M = {M} reached"
             break
@@ -434,8 +434,6 @@ def attfind(
         )
         remaining = remaining[~explained]
         allowed[k, :] = False
-    else:
-        ranked.stop_reason = f"M = {M} reached" if len(ranked) >= M else "no direction left"
     return ranked
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from diffex.errors import DiffexError, brief
 from diffex.log import info, progress_bar
+from diffex.runtime import speed_on
 from diffex.train.distributed import (
     average_buffers,
     average_gradients,
@@ -131,14 +132,6 @@ def lr_at(step: int, cfg: LoopConfig) -> float:
     )
 
 
-def _wanted(cfg: LoopConfig, name: str, device: torch.device) -> bool:
-    """A speed switch (``compile``, ``channels_last``): the loop config's, else the global
-    option's, else automatic (:func:`diffex.runtime.speed_on`)."""
-    from diffex.runtime import speed_on
-
-    return speed_on(name, device, getattr(cfg, name))
-
-
 def compile_submodules(module: nn.Module) -> list[nn.Module]:
     """``torch.compile`` every direct child with parameters, in place (state_dict keys keep
     their names, and methods other than ``forward``, e.g. ``training_loss``, still use them)."""
@@ -191,7 +184,7 @@ def run_loop(
     uninterrupted one. Returns the final (best or EMA) model.
     """
     cuda = device.type == "cuda"
-    if _wanted(cfg, "channels_last", device):
+    if speed_on("channels_last", device, cfg.channels_last):
         module.to(memory_format=torch.channels_last)
     world, me = world_size(), rank()
     params = [p for p in module.parameters() if p.requires_grad]
@@ -202,7 +195,7 @@ def run_loop(
     ema = EMA(module, cfg.ema_decay) if cfg.ema_decay > 0 else None
     # compiled after the EMA copy is made: a copy of a compiled module would still call the
     # original's forward; the EMA model (used for evaluation) stays eager
-    compiled = compile_submodules(module) if _wanted(cfg, "compile", device) else []
+    compiled = compile_submodules(module) if speed_on("compile", device, cfg.compile) else []
     result = LoopResult(model=module)
     best_score, best_state, since_best = -math.inf, None, 0
     eval_every = cfg.eval_every or cfg.steps
