@@ -45,6 +45,18 @@ def test_quick_demo_writes_every_stage(demo_run: Path) -> None:
         assert key in ranking
     assert ranking["target_class"] == "treated"
     assert len(ranking["all_pairs"]) == 2 * 3  # K = 3 directions, two signs
+    # every ranked edit and the reference are calibrated against the classifier's recall on real
+    # treated cells: never above the ranking alpha, and reaching the goal whenever it says so
+    for entry in [*ranking["directions"], ranking["reference"]]:
+        cal = entry["calibration"]
+        assert cal["criterion"].startswith("share called treated")
+        assert 0 < cal["goal"] <= 1
+        assert 0 < entry["alpha"] <= ranking["alpha"]
+        hits = [t["alpha"] for t in cal["trace"] if t["rate"] >= cal["goal"]]
+        assert (min(hits) == entry["alpha"]) if cal["reached"] else not hits
+    metrics = read_json(out / "directions" / "metrics.json")
+    assert set(metrics["invariance_spread"]) == {"background", "centroid_x", "centroid_y"}
+    assert "invariance" in metrics["history"][-1]
     summary = read_json(out / "explanations" / "summary.json")
     names = [item["name"] for item in summary["items"]]
     assert len(names) == len(ranking["directions"]) + 1  # ranked + class-mean reference

@@ -367,7 +367,7 @@ def test_smallest_alpha_bisects_down_and_never_enlarges() -> None:
 
     seen: list[float] = []
 
-    def flip_at(a: float) -> float:  # flip rate rises linearly, reaching 0.6 at alpha 1.2
+    def flip_at(a: float) -> float:  # the rate rises linearly, reaching 0.6 at alpha 1.2
         seen.append(a)
         return min(1.0, a / 2.0)
 
@@ -377,4 +377,4 @@ def test_smallest_alpha_bisects_down_and_never_enlarges() -> None:
     assert flip_at(r["alpha"]) >= 0.6
     assert seen[0] == 2.0 and len(r["trace"]) == 6
     weak = smallest_alpha(lambda a: 0.3, 2.0, 0.6, steps=5)
-    assert weak == {"alpha": 2.0, "reached": False, "trace": [{"alpha": 2.0, "flip_rate": 0.3}]}
+    assert weak == {"alpha": 2.0, "reached": False, "trace": [{"alpha": 2.0, "rate": 0.3}]}

@@ -744,6 +744,14 @@ def _print_autoencoder(metrics: dict[str, Any], run: Path) -> None:
     show_default=True,
     help="Weight of the penalty on correlated shifts at the same latent.",
 )
+@click.option(
+    "--invariance",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Weight of the penalty on edits that change the background level or move the cell in "
+    "its frame (squared change in natural sds of real images; image objectives only, 0 = off).",
+)
 @_checkpoint_option(50)
 @pass_options
 def train_directions_cmd(opts: Options, run: Path, **kw: Any) -> None:
@@ -800,14 +808,15 @@ def train_directions_cmd(opts: Options, run: Path, **kw: Any) -> None:
     default=True,
     show_default=True,
     help="Shrink each ranked direction's alpha (never above the ranking alpha) to the smallest "
-    "that flips --flip-target of validation cells.",
+    "that makes validation cells look like the target class to the classifier.",
 )
 @click.option(
     "--flip-target",
-    type=float,
-    default=0.6,
-    show_default=True,
-    help="Share of validation cells the calibrated edit must flip.",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="Calibrate to the smallest alpha that flips this share of validation cells "
+    "[default: the edit must make the classifier call as many source cells the target as it "
+    "calls real target cells the target].",
 )
 @click.option(
     "--min-explained",

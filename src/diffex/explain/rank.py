@@ -46,14 +46,14 @@ class RankConfig:
     batch_size: int = 128
     keep_flagged: bool = False
     calibrate: bool = True
-    flip_target: float = 0.6
+    flip_target: float | None = None
     calibration_images: int = 32
     calibration_steps: int = 4
     calibration_ddim_steps: int = 10
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 < self.flip_target <= 1:
+        if self.flip_target is not None and not 0 < self.flip_target <= 1:
             raise DiffexError(f"flip_target must be in (0, 1], got {self.flip_target}")
         if min(self.calibration_images, self.calibration_steps, self.calibration_ddim_steps) < 1:
             raise DiffexError("calibration images, steps and DDIM steps must be >= 1")
@@ -250,18 +250,19 @@ def class_mean_reference(
     }
 
 
-def smallest_alpha(flip_at: Any, alpha: float, target: float, steps: int) -> dict[str, Any]:
-    """The smallest alpha in (0, ``alpha``] whose flip rate reaches ``target``, by bisection
-    (``steps`` halvings after checking ``alpha`` itself). If ``alpha`` does not reach it, the
-    edit is not enlarged: returns ``alpha`` with ``reached = False``."""
-    trace = [{"alpha": float(alpha), "flip_rate": float(flip_at(alpha))}]
-    if trace[0]["flip_rate"] < target:
+def smallest_alpha(rate_at: Any, alpha: float, target: float, steps: int) -> dict[str, Any]:
+    """The smallest alpha in (0, ``alpha``] whose rate (``rate_at(alpha)``, rising with alpha)
+    reaches ``target``, by bisection (``steps`` halvings after checking ``alpha`` itself). If
+    ``alpha`` does not reach it, the edit is not enlarged: returns ``alpha`` with
+    ``reached = False``."""
+    trace = [{"alpha": float(alpha), "rate": float(rate_at(alpha))}]
+    if trace[0]["rate"] < target:
         return {"alpha": float(alpha), "reached": False, "trace": trace}
     lo, hi = 0.0, float(alpha)
     for _ in range(steps):
         mid = (lo + hi) / 2
-        f = float(flip_at(mid))
-        trace.append({"alpha": mid, "flip_rate": f})
+        f = float(rate_at(mid))
+        trace.append({"alpha": mid, "rate": f})
         if f >= target:
             hi = mid
         else:
@@ -282,11 +283,24 @@ def calibrate_alphas(
     run: str | Path,
 ) -> None:
     """Give each ranked direction, and the reference, the smallest edit size (at most the
-    training alpha) that flips ``cfg.flip_target`` of held-out validation cells; in place."""
+    training alpha) that makes held-out validation cells of the other classes look like the
+    target class to the classifier; in place.
+
+    By default (``cfg.flip_target`` None) the edit must make the classifier call as many source
+    cells the target as it calls real target cells the target (its recall on the target class's
+    validation images): an edit the size of the difference between the classes, as the
+    classifier sees it, so that the features it changes can be compared with the real class
+    gap. With ``cfg.flip_target`` set, the edit must flip that share of the source cells.
+    """
     # validation cells: ranking and evaluation use the test split, so the edit size is never
     # tuned on the images it is scored on
     x, _, keys = source_split(plan, target, cfg.calibration_images, cfg.seed + 3, split="val")
-    info(f"rank: calibrating alpha on {len(x)} validation cells (flip target {cfg.flip_target})")
+    if cfg.flip_target is None:
+        goal = target_recall(plan, target, probs)
+        criterion = f"share called {plan.classes[target]} >= its recall on real ones"
+    else:
+        goal, criterion = float(cfg.flip_target), "flip rate"
+    info(f"rank: calibrating alpha on {len(x)} validation cells ({criterion}: {goal:.2f})")
     steps = cfg.calibration_ddim_steps
     z, x_T = encode_cached(ae, run, x, keys, steps, cfg.batch_size)
     zd = z.to(editor.space.mean.device)
@@ -294,6 +308,8 @@ def calibrate_alphas(
 
     def flips(moved: torch.Tensor) -> float:
         p = probs(ae.decode(moved.to(z.device), x_T, steps=steps, batch_size=cfg.batch_size))
+        if cfg.flip_target is None:
+            return float((p.argmax(1) == target).float().mean())
         return float(effect(p0, p.numpy(), target)["flip_rate"])
 
     towards = editor.space.towards(target)
@@ -304,6 +320,23 @@ def calibrate_alphas(
     jobs.append((reference, lambda a: flips(editor.edit_along(zd, towards, a))))
     for entry, flip_at in jobs:
         with torch.no_grad():
-            res = smallest_alpha(flip_at, alpha, cfg.flip_target, cfg.calibration_steps)
+            res = smallest_alpha(flip_at, alpha, goal, cfg.calibration_steps)
         entry["alpha"] = res["alpha"]
-        entry["calibration"] = {"reached": res["reached"], "trace": res["trace"]}
+        entry["calibration"] = {
+            "criterion": criterion,
+            "goal": goal,
+            "reached": res["reached"],
+            "trace": res["trace"],
+        }
+
+
+def target_recall(plan: DataPlan, target: int, probs: Any) -> float:
+    """Share of the validation images of the target class that the classifier calls the target."""
+    data = load_split(plan, "val")
+    x = data.x[data.y == target]
+    if len(x) == 0:
+        raise DiffexError(
+            f"the validation split has no {plan.classes[target]!r} images to calibrate against; "
+            "pass --flip-target"
+        )
+    return float((probs(x).argmax(1) == target).float().mean())

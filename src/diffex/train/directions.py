@@ -30,6 +30,8 @@ from diffex.models.directions import (
     LatentEditor,
     LatentSpace,
 )
+from diffex.models.nuisance import NAMES as NUISANCE_NAMES
+from diffex.models.nuisance import invariance_penalty, natural_spread
 from diffex.report.plots import training_curve
 from diffex.rundir import RunDir
 from diffex.train.autoencoder import load_autoencoder
@@ -50,6 +52,7 @@ class DirectionTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-3
     decorrelation: float = 0.0
+    invariance: float = 1.0
     t_edit: int = 400
     hidden: int = 256
     eval_images: int = 32
@@ -71,6 +74,11 @@ class DirectionTrainConfig:
             raise DiffexError(f"steps must be >= 1, got {self.steps}")
         if self.k < 2:
             raise DiffexError(f"k must be >= 2 (negatives need other directions), got {self.k}")
+        if self.invariance < 0 or self.decorrelation < 0:
+            raise DiffexError(
+                f"penalty weights must be >= 0, got invariance {self.invariance} and "
+                f"decorrelation {self.decorrelation}"
+            )
 
 
 class DirectionTrainer(nn.Module):
@@ -101,8 +109,12 @@ def edit_features(
     alpha: float,
     t_edit: int,
     generator: torch.Generator,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Contrastive features of all K edits of a batch: (features (K*B, F), labels, units)."""
+    spread: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Contrastive features of all K edits of a batch: (features (K*B, F), labels, units,
+    invariance penalty). The penalty (:func:`diffex.models.nuisance.invariance_penalty` of the
+    one-step decoded edits against the unedited one-step decode) is computed when ``spread``, the
+    natural sd of the statistics, is given and the objective decodes images; else it is None."""
     editor = trainer.editor
     space, dirs = editor.space, editor.directions
     zs = space.standardise(z)
@@ -114,7 +126,7 @@ def edit_features(
         assert trainer.projector is not None
         base = trainer.projector(zs)
         feats = trainer.projector(edited.reshape(k * b, -1)) - base.repeat(k, 1)
-        return feats, labels, units
+        return feats, labels, units, None
     # One-step decode of each edit from the same noisy image at t_edit.
     t = torch.full((b,), t_edit, dtype=torch.long, device=x.device)
     noise = torch.randn(x.shape, generator=generator).to(x.device)
@@ -128,7 +140,8 @@ def edit_features(
     with torch.no_grad():
         base = phi(x0_base).float()
     feats = phi(x0_edit).float() - base.repeat(k, 1)
-    return feats, labels, units
+    penalty = None if spread is None else invariance_penalty(x0_edit, x0_base, spread)
+    return feats, labels, units, penalty
 
 
 def train_directions(
@@ -149,12 +162,17 @@ def train_directions(
     trainer = DirectionTrainer(LatentEditor(space, DirectionModels(dcfg)), cfg.objective, z_dim)
     trainer.to(device)
     gen = torch.Generator().manual_seed(cfg.seed + 7)
+    spread = None
+    if cfg.invariance > 0 and cfg.objective != "paper":
+        spread = natural_spread(train.x).to(device)
+        sds = zip(NUISANCE_NAMES, spread.tolist(), strict=True)
+        info("directions: invariance penalty on " + ", ".join(f"{n} (sd {v:.3g})" for n, v in sds))
 
     sampler = iter(EpochSampler(len(z_train), cfg.batch_size, cfg.seed))
     batches = (i for i in sampler)
 
     def loss_fn(m: nn.Module, idx: Tensor, step: int) -> dict[str, Tensor]:
-        feats, labels, units = edit_features(
+        feats, labels, units, penalty = edit_features(
             m,
             ae,
             cfg.objective,
@@ -163,9 +181,13 @@ def train_directions(
             cfg.alpha,
             cfg.t_edit,
             gen,
+            spread,
         )
         loss = contrastive_loss(feats, labels)
         out = {"contrastive": loss}
+        if penalty is not None:
+            loss = loss + cfg.invariance * penalty
+            out["invariance"] = penalty
         if cfg.decorrelation > 0:
             pen = decorrelation_penalty(units)
             loss = loss + cfg.decorrelation * pen
@@ -179,7 +201,7 @@ def train_directions(
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         with torch.no_grad():
-            feats, labels, _ = edit_features(
+            feats, labels, _, penalty = edit_features(
                 m,
                 ae,
                 cfg.objective,
@@ -188,11 +210,15 @@ def train_directions(
                 cfg.alpha,
                 cfg.t_edit,
                 torch.Generator().manual_seed(cfg.seed + 99),
+                spread,
             )
-            return {
+            out = {
                 "heldout_loss": float(contrastive_loss(feats, labels)),
                 "heldout_accuracy": contrastive_accuracy(feats, labels),
             }
+            if penalty is not None:
+                out["heldout_invariance"] = float(penalty)
+            return out
 
     loop = LoopConfig(
         steps=cfg.steps,
@@ -227,6 +253,9 @@ def train_directions(
     save_module(out, trainer, config)
     metrics = {
         "class_gap": float(space.gap),
+        "invariance_spread": (
+            dict(zip(NUISANCE_NAMES, spread.tolist(), strict=True)) if spread is not None else None
+        ),
         "final": result.evals[-1] if result.evals else {},
         "evals": result.evals,
         "train_seconds": round(result.seconds, 1),

@@ -1,0 +1,80 @@
+"""Differentiable image statistics that an explanation of a single-cell crop must leave alone.
+
+Whatever the data, moving the cell in its frame or changing the background level is never the
+phenotype: it is the imaging. These statistics are measured on images in [-1, 1] (N, C, H, W)
+and are differentiable, so that the direction objective can penalise edits that change them
+(``invariance_penalty``), with no knowledge of the data set's own factors:
+
+- ``background``: mean over channels of the mean of the background pixels;
+- ``centroid_x``, ``centroid_y``: the centre of the above-background intensity, in units of the
+  image side (0 = centre).
+
+The background pixels are those of a *reference* image (the unedited one): the darkest
+``BACKGROUND_SHARE`` of its pixels by smoothed channel mean, so that an edit is measured where
+the unedited cell is not.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+NAMES: tuple[str, ...] = ("background", "centroid_x", "centroid_y")
+#: Share of an image's pixels taken as background (the darkest, by smoothed channel mean).
+BACKGROUND_SHARE = 0.4
+
+
+def background_mask(x: Tensor, share: float = BACKGROUND_SHARE) -> Tensor:
+    """(N, 1, H, W) float mask of the darkest ``share`` of each image's pixels (3x3-smoothed
+    channel mean), with no gradient."""
+    with torch.no_grad():
+        m = F.avg_pool2d(x.float().mean(1, keepdim=True), 3, stride=1, padding=1)
+        flat = m.flatten(1)
+        k = max(1, int(share * flat.shape[1]))
+        cut = flat.kthvalue(k, dim=1).values
+        return (m <= cut[:, None, None, None]).float()
+
+
+def statistics(x: Tensor, mask: Tensor) -> Tensor:
+    """(N, 3): background level, intensity centroid x and y (see module doc) of images ``x`` in
+    [-1, 1], with the background pixels given by ``mask`` (N, 1, H, W)."""
+    u = (x.float() + 1.0) / 2.0
+    n, _, h, w = u.shape
+    area = mask.sum((1, 2, 3)).clamp_min(1.0)
+    bg_c = (u * mask).sum((2, 3)) / area[:, None]  # (N, C)
+    bg = bg_c.mean(1)
+    fg = F.relu(u - bg_c[:, :, None, None]).mean(1)  # (N, H, W)
+    total = fg.sum((1, 2)).clamp_min(1e-6)
+    ys = (torch.arange(h, device=u.device, dtype=u.dtype) + 0.5) / h - 0.5
+    xs = (torch.arange(w, device=u.device, dtype=u.dtype) + 0.5) / w - 0.5
+    cx = (fg * xs[None, None, :]).sum((1, 2)) / total
+    cy = (fg * ys[None, :, None]).sum((1, 2)) / total
+    return torch.stack([bg, cx, cy], 1)
+
+
+def natural_spread(x: Tensor, batch_size: int = 256) -> Tensor:
+    """(3,) sd of each statistic over real images ``x`` (each measured on its own background):
+    the scale a change is measured against."""
+    rows = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            xb = x[i : i + batch_size]
+            rows.append(statistics(xb, background_mask(xb)))
+    return torch.cat(rows).std(0).clamp_min(1e-6)
+
+
+def invariance_penalty(edited: Tensor, base: Tensor, spread: Tensor) -> Tensor:
+    """Mean over edits of the summed squared change of the statistics, in natural sds.
+
+    ``edited`` (R * N, C, H, W) holds R edits of each of the N ``base`` images (rows ordered
+    edit-major, as ``base.repeat(R, 1, 1, 1)``); every edit is measured on its base image's
+    background pixels. An edit that shifts the background by one natural sd costs 1.
+    """
+    r = len(edited) // len(base)
+    mask = background_mask(base)
+    with torch.no_grad():
+        ref = statistics(base, mask)
+    moved = statistics(edited, mask.repeat(r, 1, 1, 1))
+    change = (moved - ref.repeat(r, 1)) / spread.to(moved)
+    return (change**2).sum(1).mean()

@@ -1,0 +1,63 @@
+"""The image statistics the direction objective keeps still, and the invariance penalty."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffex.models.nuisance import (
+    background_mask,
+    invariance_penalty,
+    natural_spread,
+    statistics,
+)
+
+
+def cell(shift: int = 0, background: float = 0.1, size: int = 32) -> torch.Tensor:
+    """One (1, 3, size, size) image in [-1, 1]: a bright 8x8 square on a flat background, the
+    square ``shift`` pixels right of centre."""
+    u = torch.full((1, 3, size, size), background)
+    c = size // 2 + shift
+    u[:, :, size // 2 - 4 : size // 2 + 4, c - 4 : c + 4] = 0.8
+    return u * 2 - 1
+
+
+def test_statistics_see_the_background_and_where_the_cell_is() -> None:
+    base = cell()
+    mask = background_mask(base)
+    assert float(mask.sum()) >= 0.4 * 32 * 32  # at least the darkest 40 % (ties all count)
+    assert float((mask[0, 0, 12:20, 12:20]).sum()) == 0.0  # the cell is never background
+    bg, cx, cy = statistics(base, mask)[0].tolist()
+    assert bg == pytest.approx(0.1, abs=1e-6)
+    assert cx == pytest.approx(0.0, abs=1e-6) and cy == pytest.approx(0.0, abs=1e-6)
+    moved = statistics(cell(shift=4), mask)[0]
+    assert float(moved[1]) == pytest.approx(4 / 32, abs=1e-5)  # centroid in image sides
+    assert float(moved[2]) == pytest.approx(0.0, abs=1e-6)
+    brighter = statistics(cell(background=0.15), mask)[0]
+    assert float(brighter[0]) == pytest.approx(0.15, abs=1e-6)
+    assert float(brighter[1]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_invariance_penalty_is_the_squared_change_in_natural_sds() -> None:
+    base = torch.cat([cell(), cell(background=0.05)])
+    spread = torch.tensor([0.05, 0.1, 0.1])
+    same = invariance_penalty(base.repeat(3, 1, 1, 1), base, spread)
+    assert float(same) == pytest.approx(0.0, abs=1e-9)
+    # two edits of each image: the first lifts the background by 0.05 (1 sd), the second
+    # moves the cell 1 px right (1/32 side = 1.25 sd), within the rim that the smoothed mask
+    # leaves around the cell, so the background it is measured on stays background
+    spread = torch.tensor([0.05, 0.025, 0.025])
+    lifted = torch.cat([cell(background=0.15), cell(background=0.10)])
+    moved = torch.cat([cell(shift=1), cell(shift=1, background=0.05)])
+    edited = torch.cat([lifted, moved]).requires_grad_(True)
+    pen = invariance_penalty(edited, base, spread)
+    assert float(pen.detach()) == pytest.approx((1.0 + 1.25**2) / 2, rel=1e-4)
+    pen.backward()
+    assert edited.grad is not None and float(edited.grad.abs().sum()) > 0
+
+
+def test_natural_spread_is_the_sd_over_real_images() -> None:
+    imgs = torch.cat([cell(background=b) for b in (0.05, 0.1, 0.15)])
+    sd = natural_spread(imgs, batch_size=2)
+    assert float(sd[0]) == pytest.approx(0.05, rel=1e-4)
+    assert float(sd[1]) == pytest.approx(1e-6)  # no cell moved: floored, never zero
