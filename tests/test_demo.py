@@ -55,7 +55,12 @@ def test_quick_demo_writes_every_stage(demo_run: Path) -> None:
         hits = [t["alpha"] for t in cal["trace"] if t["rate"] >= cal["goal"]]
         assert (min(hits) == entry["alpha"]) if cal["reached"] else not hits
     metrics = read_json(out / "directions" / "metrics.json")
-    assert set(metrics["invariance_spread"]) == {"background", "centroid_x", "centroid_y"}
+    assert set(metrics["invariance_spread"]) == {
+        "background",
+        "centroid_x",
+        "centroid_y",
+        "nucleus_gain",
+    }
     assert "invariance" in metrics["history"][-1]
     summary = read_json(out / "explanations" / "summary.json")
     names = [item["name"] for item in summary["items"]]

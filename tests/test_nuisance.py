@@ -61,3 +61,24 @@ def test_natural_spread_is_the_sd_over_real_images() -> None:
     sd = natural_spread(imgs, batch_size=2)
     assert float(sd[0]) == pytest.approx(0.05, rel=1e-4)
     assert float(sd[1]) == pytest.approx(1e-6)  # no cell moved: floored, never zero
+
+
+def test_nucleus_gain_is_the_brightest_pixels_of_the_nucleus_channel_above_background() -> None:
+    base = cell()
+    mask = background_mask(base)
+    stats = statistics(base, mask, gain_channel=0)[0]
+    assert stats.shape == (4,)
+    assert float(stats[3]) == pytest.approx(0.8 - 0.1, abs=1e-6)
+    # a bigger cell at the same level keeps its gain; the same cell twice as bright doubles it
+    bigger = cell()
+    bigger[:, :, 11:21, 11:21] = 0.8 * 2 - 1  # grows into the rim the mask leaves
+    assert float(statistics(bigger, mask, 0)[0, 3]) == pytest.approx(0.7, abs=1e-6)
+    brighter = cell()
+    brighter[:, 0, 12:20, 12:20] = 1.5 * 2 - 1
+    assert float(statistics(brighter, mask, 0)[0, 3]) == pytest.approx(1.4, abs=1e-6)
+    # only the named channel counts, and the penalty prices it in its own sd
+    dimmer_actin = base.clone()
+    dimmer_actin[:, 1, 12:20, 12:20] = 0.4 * 2 - 1
+    spread = torch.tensor([0.05, 0.1, 0.1, 0.35])
+    assert float(invariance_penalty(dimmer_actin, base, spread, 0)) == pytest.approx(0, abs=1e-9)
+    assert float(invariance_penalty(brighter, base, spread, 0)) == pytest.approx(4.0, rel=1e-4)

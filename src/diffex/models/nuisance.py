@@ -7,7 +7,12 @@ and are differentiable, so that the direction objective can penalise edits that 
 
 - ``background``: mean over channels of the mean of the background pixels;
 - ``centroid_x``, ``centroid_y``: the centre of the above-background intensity, in units of the
-  image side (0 = centre).
+  image side (0 = centre);
+- ``nucleus_gain`` (only when a channel plays the nucleus role): the mean of the brightest
+  ``GAIN_SHARE`` of that channel's pixels above its background. The DNA stain's level is the
+  staining and exposure gain, and the morphology readout divides other intensities by it
+  (``diffex.data.measure``), so an edit that brightens the nucleus would be read as, for
+  example, less actin.
 
 The background pixels are those of a *reference* image (the unedited one): the darkest
 ``BACKGROUND_SHARE`` of its pixels by smoothed channel mean, so that an edit is measured where
@@ -23,6 +28,13 @@ from torch import Tensor
 NAMES: tuple[str, ...] = ("background", "centroid_x", "centroid_y")
 #: Share of an image's pixels taken as background (the darkest, by smoothed channel mean).
 BACKGROUND_SHARE = 0.4
+#: Share of the nucleus channel's pixels (the brightest) whose level is its gain.
+GAIN_SHARE = 0.02
+
+
+def names(gain_channel: int | None = None) -> tuple[str, ...]:
+    """The statistics measured, in order: ``NAMES`` plus ``nucleus_gain`` with a gain channel."""
+    return NAMES if gain_channel is None else (*NAMES, "nucleus_gain")
 
 
 def background_mask(x: Tensor, share: float = BACKGROUND_SHARE) -> Tensor:
@@ -36,8 +48,8 @@ def background_mask(x: Tensor, share: float = BACKGROUND_SHARE) -> Tensor:
         return (m <= cut[:, None, None, None]).float()
 
 
-def statistics(x: Tensor, mask: Tensor) -> Tensor:
-    """(N, 3): background level, intensity centroid x and y (see module doc) of images ``x`` in
+def statistics(x: Tensor, mask: Tensor, gain_channel: int | None = None) -> Tensor:
+    """(N, S): the statistics of ``names(gain_channel)`` (see module doc) of images ``x`` in
     [-1, 1], with the background pixels given by ``mask`` (N, 1, H, W)."""
     u = (x.float() + 1.0) / 2.0
     n, _, h, w = u.shape
@@ -50,21 +62,28 @@ def statistics(x: Tensor, mask: Tensor) -> Tensor:
     xs = (torch.arange(w, device=u.device, dtype=u.dtype) + 0.5) / w - 0.5
     cx = (fg * xs[None, None, :]).sum((1, 2)) / total
     cy = (fg * ys[None, :, None]).sum((1, 2)) / total
-    return torch.stack([bg, cx, cy], 1)
+    stats = [bg, cx, cy]
+    if gain_channel is not None:
+        flat = u[:, gain_channel].flatten(1)
+        top = flat.topk(max(1, int(GAIN_SHARE * flat.shape[1])), dim=1).values
+        stats.append(top.mean(1) - bg_c[:, gain_channel])
+    return torch.stack(stats, 1)
 
 
-def natural_spread(x: Tensor, batch_size: int = 256) -> Tensor:
-    """(3,) sd of each statistic over real images ``x`` (each measured on its own background):
+def natural_spread(x: Tensor, gain_channel: int | None = None, batch_size: int = 256) -> Tensor:
+    """(S,) sd of each statistic over real images ``x`` (each measured on its own background):
     the scale a change is measured against."""
     rows = []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
             xb = x[i : i + batch_size]
-            rows.append(statistics(xb, background_mask(xb)))
+            rows.append(statistics(xb, background_mask(xb), gain_channel))
     return torch.cat(rows).std(0).clamp_min(1e-6)
 
 
-def invariance_penalty(edited: Tensor, base: Tensor, spread: Tensor) -> Tensor:
+def invariance_penalty(
+    edited: Tensor, base: Tensor, spread: Tensor, gain_channel: int | None = None
+) -> Tensor:
     """Mean over edits of the summed squared change of the statistics, in natural sds.
 
     ``edited`` (R * N, C, H, W) holds R edits of each of the N ``base`` images (rows ordered
@@ -74,7 +93,7 @@ def invariance_penalty(edited: Tensor, base: Tensor, spread: Tensor) -> Tensor:
     r = len(edited) // len(base)
     mask = background_mask(base)
     with torch.no_grad():
-        ref = statistics(base, mask)
-    moved = statistics(edited, mask.repeat(r, 1, 1, 1))
+        ref = statistics(base, mask, gain_channel)
+    moved = statistics(edited, mask.repeat(r, 1, 1, 1), gain_channel)
     change = (moved - ref.repeat(r, 1)) / spread.to(moved)
     return (change**2).sum(1).mean()

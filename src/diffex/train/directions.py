@@ -30,8 +30,8 @@ from diffex.models.directions import (
     LatentEditor,
     LatentSpace,
 )
-from diffex.models.nuisance import NAMES as NUISANCE_NAMES
 from diffex.models.nuisance import invariance_penalty, natural_spread
+from diffex.models.nuisance import names as nuisance_names
 from diffex.report.plots import training_curve
 from diffex.rundir import RunDir
 from diffex.train.autoencoder import load_autoencoder
@@ -110,11 +110,13 @@ def edit_features(
     t_edit: int,
     generator: torch.Generator,
     spread: Tensor | None = None,
+    gain_channel: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Contrastive features of all K edits of a batch: (features (K*B, F), labels, units,
     invariance penalty). The penalty (:func:`diffex.models.nuisance.invariance_penalty` of the
     one-step decoded edits against the unedited one-step decode) is computed when ``spread``, the
-    natural sd of the statistics, is given and the objective decodes images; else it is None."""
+    natural sd of the statistics, is given and the objective decodes images; else it is None.
+    ``gain_channel`` (the nucleus channel, if any) adds its gain to the statistics."""
     editor = trainer.editor
     space, dirs = editor.space, editor.directions
     zs = space.standardise(z)
@@ -140,7 +142,7 @@ def edit_features(
     with torch.no_grad():
         base = phi(x0_base).float()
     feats = phi(x0_edit).float() - base.repeat(k, 1)
-    penalty = None if spread is None else invariance_penalty(x0_edit, x0_base, spread)
+    penalty = None if spread is None else invariance_penalty(x0_edit, x0_base, spread, gain_channel)
     return feats, labels, units, penalty
 
 
@@ -163,9 +165,11 @@ def train_directions(
     trainer.to(device)
     gen = torch.Generator().manual_seed(cfg.seed + 7)
     spread = None
+    gain_channel = plan.measure_channels.get("nucleus")
+    stat_names = nuisance_names(gain_channel)
     if cfg.invariance > 0 and cfg.objective != "paper":
-        spread = natural_spread(train.x).to(device)
-        sds = zip(NUISANCE_NAMES, spread.tolist(), strict=True)
+        spread = natural_spread(train.x, gain_channel).to(device)
+        sds = zip(stat_names, spread.tolist(), strict=True)
         info("directions: invariance penalty on " + ", ".join(f"{n} (sd {v:.3g})" for n, v in sds))
 
     sampler = iter(EpochSampler(len(z_train), cfg.batch_size, cfg.seed))
@@ -182,6 +186,7 @@ def train_directions(
             cfg.t_edit,
             gen,
             spread,
+            gain_channel,
         )
         loss = contrastive_loss(feats, labels)
         out = {"contrastive": loss}
@@ -211,6 +216,7 @@ def train_directions(
                 cfg.t_edit,
                 torch.Generator().manual_seed(cfg.seed + 99),
                 spread,
+                gain_channel,
             )
             out = {
                 "heldout_loss": float(contrastive_loss(feats, labels)),
@@ -254,7 +260,7 @@ def train_directions(
     metrics = {
         "class_gap": float(space.gap),
         "invariance_spread": (
-            dict(zip(NUISANCE_NAMES, spread.tolist(), strict=True)) if spread is not None else None
+            dict(zip(stat_names, spread.tolist(), strict=True)) if spread is not None else None
         ),
         "final": result.evals[-1] if result.evals else {},
         "evals": result.evals,
