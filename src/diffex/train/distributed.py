@@ -10,6 +10,7 @@ checkpoints and files; the others wait for it.
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Any
 
@@ -37,7 +38,29 @@ def state(device: torch.device) -> Any:
         return None
     from accelerate import PartialState
 
-    return PartialState(cpu=device.type == "cpu")
+    joined = PartialState(cpu=device.type == "cpu")
+    _leave_at_exit()
+    return joined
+
+
+_LEAVING = False
+
+
+def _leave_at_exit() -> None:
+    """Register :func:`leave` once, to run before the interpreter tears itself down."""
+    global _LEAVING
+    if not _LEAVING:
+        atexit.register(leave)
+        _LEAVING = True
+
+
+def leave() -> None:
+    """Leave the process group. Run at exit: a gloo group still alive while Python finalises can
+    abort the process (SIGABRT) after all work is done, so a finished run would read as failed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def process_device(device: torch.device) -> torch.device:
