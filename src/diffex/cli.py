@@ -747,10 +747,11 @@ def _print_autoencoder(metrics: dict[str, Any], run: Path) -> None:
 @click.option(
     "--invariance",
     type=click.FloatRange(min=0),
-    default=1.0,
+    default=0.3,
     show_default=True,
-    help="Weight of the penalty on edits that change the background level or move the cell in "
-    "its frame (squared change in natural sds of real images; image objectives only, 0 = off).",
+    help="Weight of the penalty on edits that change the background level, move the cell in "
+    "its frame or change the nucleus channel's gain (squared change in natural sds of real "
+    "images; image objectives only, 0 = off).",
 )
 @_checkpoint_option(50)
 @pass_options

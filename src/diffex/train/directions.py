@@ -52,7 +52,7 @@ class DirectionTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-3
     decorrelation: float = 0.0
-    invariance: float = 1.0
+    invariance: float = 0.3
     t_edit: int = 400
     hidden: int = 256
     eval_images: int = 32
