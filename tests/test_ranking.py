@@ -378,3 +378,29 @@ def test_smallest_alpha_bisects_down_and_never_enlarges() -> None:
     assert seen[0] == 2.0 and len(r["trace"]) == 6
     weak = smallest_alpha(lambda a: 0.3, 2.0, 0.6, steps=5)
     assert weak == {"alpha": 2.0, "reached": False, "trace": [{"alpha": 2.0, "rate": 0.3}]}
+
+
+def test_duplicate_directions_are_ranked_once():
+    # directions 0 and 2 make the same edit (parallel mean shifts, opposite signs); 0 is
+    # strongest on 12 images and 2 on the 8 others, so without the rule 2 ranks second
+    p = np.full((3, 2, 20), 0.05)
+    p[0, 0, :12] = 0.9
+    p[2, 1, 12:] = 0.8
+    p[1, 0, 12:] = 0.5
+    eff = _hand_effects(p)
+    shifts = np.array([[1.0, 0.0, 0.1], [0.0, 1.0, 0.0], [-2.0, 0.05, -0.2]])
+    plain = attfind(eff, 1, M=3, threshold=0.1)
+    assert [(d.direction, d.sign) for d in plain][:2] == [(0, 1), (2, -1)]
+    ranked = attfind(eff, 1, M=3, threshold=0.1, shifts=shifts, max_cosine=0.9)
+    assert [(d.direction, d.sign) for d in ranked] == [(0, 1), (1, 1)]
+    assert ranked[0].duplicates == [2] and ranked[1].duplicates == []
+    assert ranked[0].to_dict()["duplicates"] == [2]
+    assert "directions 2: the same edit" in format_ranking(ranked)
+    # a stricter rule keeps them apart; bad shapes and thresholds are refused
+    assert [
+        d.direction for d in attfind(eff, 1, M=3, threshold=0.1, shifts=shifts, max_cosine=1.0)
+    ][:2] == [0, 2]
+    with pytest.raises(DiffexError, match="shifts"):
+        attfind(eff, 1, M=1, shifts=shifts[:2])
+    with pytest.raises(DiffexError, match="max_cosine"):
+        attfind(eff, 1, M=1, shifts=shifts, max_cosine=0.0)

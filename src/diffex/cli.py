@@ -828,6 +828,14 @@ def train_directions_cmd(opts: Options, run: Path, **kw: Any) -> None:
     "source images (at least one image).",
 )
 @click.option(
+    "--max-cosine",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.9,
+    show_default=True,
+    help="Directions whose mean latent shift has |cos| >= this with a ranked one make the same "
+    "edit: they are listed as its duplicates and not ranked again (1 = only identical ones).",
+)
+@click.option(
     "--keep-flagged",
     is_flag=True,
     help="Rank directions the artifact guard flags (noise, background) too.",
@@ -860,6 +868,7 @@ def _print_ranking(result: dict[str, Any]) -> None:
             f"  {d['rank']}. direction {d['direction']} ({'+' if d['sign'] > 0 else '-'}): "
             f"delta-p {d['mean_delta_p']:+.3f}, flip rate {d['flip_rate']:.2f}{flags}"
             + (f"; calibrated alpha {d['alpha']:.2f}" if "alpha" in d else "")
+            + (f"; same edit as directions {d['duplicates']}" if d.get("duplicates") else "")
         )
     if not result["directions"]:
         click.echo("  no direction passed the threshold")

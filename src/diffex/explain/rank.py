@@ -43,6 +43,7 @@ class RankConfig:
     ddim_steps: int = 20
     threshold: float = 0.25
     min_explained: float = 0.05
+    max_cosine: float = 0.9
     batch_size: int = 128
     keep_flagged: bool = False
     calibrate: bool = True
@@ -59,6 +60,8 @@ class RankConfig:
             raise DiffexError("calibration images, steps and DDIM steps must be >= 1")
         if self.m < 1:
             raise DiffexError(f"m (directions to rank) must be >= 1, got {self.m}")
+        if not 0 < self.max_cosine <= 1:
+            raise DiffexError(f"max_cosine must be in (0, 1], got {self.max_cosine}")
         if not 0 <= self.min_explained <= 1:
             raise DiffexError(f"min_explained must be a share in [0, 1], got {self.min_explained}")
         if self.n_images < 1 or self.ddim_steps < 1:
@@ -196,6 +199,8 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
         skip_flagged=not cfg.keep_flagged,
         images=np.arange(len(x)),
         min_explained=cfg.min_explained,
+        shifts=mean_shifts(editor, z),
+        max_cosine=cfg.max_cosine,
     )
     info("rank:\n" + format_ranking(ranked) + f"\nrank: stopped because {ranked.stop_reason}")
     reference = class_mean_reference(
@@ -220,6 +225,14 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
     }
     write_json(rd.root / "ranking.json", result)
     return result
+
+
+def mean_shifts(editor: LatentEditor, z: torch.Tensor) -> np.ndarray:
+    """(K, D) mean unit shift of each direction (sign +) over latents ``z``, standardised."""
+    space = editor.space
+    with torch.no_grad():
+        units = editor.directions.units(space.standardise(z.to(space.mean.device)))
+    return units.mean(1).float().cpu().numpy()
 
 
 def class_mean_reference(

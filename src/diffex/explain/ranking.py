@@ -32,6 +32,7 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
 from diffex.errors import DiffexError
+from diffex.evaluate.disentangle import abs_cosine_matrix
 from diffex.log import progress_bar
 
 EditFn = Callable[[torch.Tensor, int, int, float], torch.Tensor]
@@ -247,7 +248,8 @@ class RankedDirection:
     ``mean_delta_p`` is over all source images; ``mean_delta_p_round`` over the images still
     unexplained when it was chosen (the number the threshold was applied to); ``flip_rate`` is
     the share of all source images whose predicted class becomes the target after the edit;
-    ``n_explained`` how many of the remaining images it explained (and removed).
+    ``n_explained`` how many of the remaining images it explained (and removed);
+    ``duplicates`` the other directions that make the same edit (see :func:`attfind`).
     """
 
     rank: int
@@ -259,6 +261,7 @@ class RankedDirection:
     n_explained: int
     threshold: float
     artifact_flags: list[str] = field(default_factory=list)
+    duplicates: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -271,6 +274,7 @@ class RankedDirection:
             "n_explained": int(self.n_explained),
             "threshold": float(self.threshold),
             "artifact_flags": list(self.artifact_flags),
+            "duplicates": [int(j) for j in self.duplicates],
         }
 
 
@@ -332,6 +336,8 @@ def attfind(
     skip_flagged: bool = True,
     images: np.ndarray | Sequence[int] | None = None,
     min_explained: float = 0.0,
+    shifts: np.ndarray | None = None,
+    max_cosine: float = 1.0,
 ) -> Ranking:
     """Greedy AttFind ranking of (direction, sign) pairs for class ``target``.
 
@@ -352,6 +358,11 @@ def attfind(
        candidate is not accepted and the ranking stops: a direction that explains a handful of
        leftover cells describes those cells, not the class.
 
+    5. with ``shifts`` (K, D), each direction's mean shift in the latent space, every unused
+       direction j with |cos(shift_j, shift_k)| >= ``max_cosine`` is the same edit as k: it is
+       marked used too and listed in the accepted direction's ``duplicates``, so one attribute
+       is not ranked several times over.
+
     Stops when M directions are accepted, no candidate is left, R is empty, or the best
     candidate fails the threshold or the floor (``stop_reason`` of the result says which).
     Every accepted round marks one more of the K directions used, so there are at most K rounds.
@@ -371,6 +382,13 @@ def attfind(
             f"got threshold={threshold}, threshold_step={threshold_step}, "
             f"min_threshold={min_threshold}"
         )
+    if not 0 < max_cosine <= 1:
+        raise DiffexError(f"max_cosine must be in (0, 1], got {max_cosine}")
+    cosine = None
+    if shifts is not None:
+        if np.shape(shifts)[0] != K or np.ndim(shifts) != 2:
+            raise DiffexError(f"shifts must be (K={K}, D), got shape {np.shape(shifts)}")
+        cosine = abs_cosine_matrix(shifts)
     target = effects._check_target(target)
     flags = _flag_map(flagged)
     src = _source_indices(effects, target, images)
@@ -433,6 +451,11 @@ def attfind(
             )
         )
         remaining = remaining[~explained]
+        if cosine is not None:
+            same = (cosine[k] >= max_cosine) & allowed.any(axis=1)
+            same[k] = False
+            ranked[-1].duplicates = np.flatnonzero(same).tolist()
+            allowed[same, :] = False
         allowed[k, :] = False
     return ranked
 
@@ -448,6 +471,9 @@ def format_ranking(ranked: Sequence[RankedDirection]) -> str:
             f"{d.mean_delta_p:+7.3f}  {d.mean_delta_p_round:+9.3f}  {d.flip_rate:9.2f}  "
             f"{d.n_explained:>9}  {'; '.join(d.artifact_flags)}"
         )
+        if d.duplicates:
+            same = ", ".join(str(j) for j in d.duplicates)
+            lines.append(f"      (directions {same}: the same edit, not ranked again)")
     return "\n".join(lines)
 
 

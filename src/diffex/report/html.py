@@ -42,6 +42,11 @@ def _finite(x: Any) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
 
 
+def _ids(values: list[int]) -> str:
+    """Direction indices as "8, 0"."""
+    return ", ".join(str(int(v)) for v in values)
+
+
 def _fmt(x: Any, digits: int = 3) -> str:
     """Numbers for people: fixed digits, blank for missing or NaN."""
     if isinstance(x, bool) or x is None:
@@ -218,7 +223,8 @@ def _directions_section(root: Path) -> dict[str, Any] | None:
         table.append(
             {
                 "rank": d["rank"],
-                "direction": f"{d['direction']} ({'+' if d['sign'] > 0 else '−'})",
+                "direction": f"{d['direction']} ({'+' if d['sign'] > 0 else '−'})"
+                + (f"; same edit: {_ids(d['duplicates'])}" if d.get("duplicates") else ""),
                 "delta_p": _fmt(d.get("mean_delta_p")),
                 "flip": _fmt(d.get("flip_rate"), 2),
                 "explained": d.get("n_explained", ""),
