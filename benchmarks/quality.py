@@ -200,7 +200,8 @@ def write_benchmarks(path: Path, block: str) -> None:
     text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n\n"
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1].lstrip("\n")
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        text = head + block + ("\n" + tail if tail else "")
     else:
         text = text.rstrip("\n") + "\n\n" + block
     write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
