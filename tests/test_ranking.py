@@ -404,3 +404,15 @@ def test_duplicate_directions_are_ranked_once():
         attfind(eff, 1, M=1, shifts=shifts[:2])
     with pytest.raises(DiffexError, match="max_cosine"):
         attfind(eff, 1, M=1, shifts=shifts, max_cosine=0.0)
+
+
+def test_rank_refuses_a_bad_max_cosine(tmp_path, capsys):
+    from diffex.cli import main
+    from diffex.explain.rank import RankConfig
+
+    with pytest.raises(DiffexError, match="max_cosine must be in"):
+        RankConfig(max_cosine=1.5)
+    code = main(["rank", "--run", str(tmp_path), "--max-cosine", "0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--max-cosine" in err and "Traceback" not in err
