@@ -82,3 +82,19 @@ def test_nucleus_gain_is_the_brightest_pixels_of_the_nucleus_channel_above_backg
     spread = torch.tensor([0.05, 0.1, 0.1, 0.35])
     assert float(invariance_penalty(dimmer_actin, base, spread, 0)) == pytest.approx(0, abs=1e-9)
     assert float(invariance_penalty(brighter, base, spread, 0)) == pytest.approx(4.0, rel=1e-4)
+
+
+def test_nucleus_gain_is_the_plateau_not_the_brightest_foci() -> None:
+    """A nucleus that grows and dims while its few brightest pixels (chromocentres) stay as they
+    are changes its gain: the level of every pixel above half the peak counts, not the peak."""
+
+    def nucleus(half: int, level: float) -> torch.Tensor:
+        u = torch.full((1, 3, 32, 32), 0.1)
+        u[:, 0, 16 - half : 16 + half, 16 - half : 16 + half] = level
+        u[:, 0, 14:18, 14:19] = 0.8  # 20 px of foci = the brightest 2 % of 1024
+        return u * 2 - 1
+
+    base, grown = nucleus(4, 0.6), nucleus(5, 0.5)
+    mask = background_mask(base)
+    assert float(statistics(base, mask, 0)[0, 3]) == pytest.approx((44 * 0.5 + 20 * 0.7) / 64)
+    assert float(statistics(grown, mask, 0)[0, 3]) == pytest.approx((80 * 0.4 + 20 * 0.7) / 100)

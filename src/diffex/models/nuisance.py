@@ -8,11 +8,13 @@ and are differentiable, so that the direction objective can penalise edits that 
 - ``background``: mean over channels of the mean of the background pixels;
 - ``centroid_x``, ``centroid_y``: the centre of the above-background intensity, in units of the
   image side (0 = centre);
-- ``nucleus_gain`` (only when a channel plays the nucleus role): the mean of the brightest
-  ``GAIN_SHARE`` of that channel's pixels above its background. The DNA stain's level is the
-  staining and exposure gain, and the morphology readout divides other intensities by it
-  (``diffex.data.measure``), so an edit that brightens the nucleus would be read as, for
-  example, less actin.
+- ``nucleus_gain`` (only when a channel plays the nucleus role): the mean level, above its
+  background, of that channel's pixels brighter than half its peak (the mean of its brightest
+  ``GAIN_SHARE`` of pixels): the nucleus's plateau, as ``diffex.data.measure`` reads it. The DNA
+  stain's level is the staining and exposure gain, and the morphology readout divides other
+  intensities by it, so an edit that brightens the nucleus would be read as, for example, less
+  actin. The plateau, not the peak, is held: an edit can otherwise keep the few brightest
+  pixels (chromocentres) and dim the rest of a growing nucleus.
 
 The background pixels are those of a *reference* image (the unedited one): the darkest
 ``BACKGROUND_SHARE`` of its pixels by smoothed channel mean, so that an edit is measured where
@@ -64,10 +66,18 @@ def statistics(x: Tensor, mask: Tensor, gain_channel: int | None = None) -> Tens
     cy = (fg * ys[None, :, None]).sum((1, 2)) / total
     stats = [bg, cx, cy]
     if gain_channel is not None:
-        flat = u[:, gain_channel].flatten(1)
-        top = flat.topk(max(1, int(GAIN_SHARE * flat.shape[1])), dim=1).values
-        stats.append(top.mean(1) - bg_c[:, gain_channel])
+        stats.append(nucleus_plateau(u[:, gain_channel], bg_c[:, gain_channel]))
     return torch.stack(stats, 1)
+
+
+def nucleus_plateau(u: Tensor, bg: Tensor) -> Tensor:
+    """(N,) mean level above ``bg`` (N,) of the pixels of ``u`` (N, H, W) brighter than half
+    the peak (the mean of the brightest ``GAIN_SHARE``); the choice of pixels has no gradient."""
+    above = u.flatten(1) - bg[:, None]
+    with torch.no_grad():
+        peak = above.topk(max(1, int(GAIN_SHARE * above.shape[1])), dim=1).values.mean(1)
+        inside = (above > 0.5 * peak[:, None]).float()
+    return (above * inside).sum(1) / inside.sum(1).clamp_min(1.0)
 
 
 def natural_spread(x: Tensor, gain_channel: int | None = None, batch_size: int = 256) -> Tensor:
