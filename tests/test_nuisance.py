@@ -63,7 +63,7 @@ def test_natural_spread_is_the_sd_over_real_images() -> None:
     assert float(sd[1]) == pytest.approx(1e-6)  # no cell moved: floored, never zero
 
 
-def test_nucleus_gain_is_the_brightest_pixels_of_the_nucleus_channel_above_background() -> None:
+def test_nucleus_gain_is_the_nucleus_channel_level_above_background() -> None:
     base = cell()
     mask = background_mask(base)
     stats = statistics(base, mask, gain_channel=0)[0]

@@ -30,7 +30,8 @@ from torch import Tensor
 NAMES: tuple[str, ...] = ("background", "centroid_x", "centroid_y")
 #: Share of an image's pixels taken as background (the darkest, by smoothed channel mean).
 BACKGROUND_SHARE = 0.4
-#: Share of the nucleus channel's pixels (the brightest) whose level is its gain.
+#: Share of the nucleus channel's pixels (the brightest) whose mean is its peak; the gain is the
+#: mean of the pixels above half that peak.
 GAIN_SHARE = 0.02
 
 
