@@ -13,6 +13,7 @@ from scipy.linalg import sqrtm
 from diffex.cli import main
 from diffex.data.display import composite
 from diffex.data.spec import load_spec
+from diffex.errors import DiffexError
 from diffex.evaluate.counterfactual import cout, effect, proximity
 from diffex.evaluate.features import rgb_composite
 from diffex.evaluate.groundtruth import expected_signs, recovery
@@ -171,6 +172,11 @@ def test_evaluation_json_follows_the_schema(demo_run: Path) -> None:
         "elongation",
         "actin_intensity",
     }
+    sens = ev["ground_truth"]["classifier_sensitivity"]
+    assert sens["n_cells"] == 32 and sens["target_class"] == "treated"
+    kinds = {f: v["kind"] for f, v in sens["factors"].items()}
+    assert kinds["nucleus_area"] == "causal" and kinds["noise"] == "nuisance"
+    assert kinds["all causal"] == "combined" and "rotation" not in kinds
     for fig in ev["figures"]:
         assert (demo_run / fig).is_file()
     broken = dict(ev, fidelity={"n": 0})
@@ -245,3 +251,39 @@ def test_compare_with_another_classifier_is_refused(
     assert main(["evaluate", "--run", str(demo_run), "--compare", f"x={other}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "classifier/model.safetensors differs" in err
+
+
+def _actin_probe(x: torch.Tensor) -> torch.Tensor:
+    """Two-class stub that reads only the actin channel: less actin -> more 'treated'."""
+    mean_actin = (x[:, 1] + 1).mean(dim=(1, 2)) / 2
+    p1 = torch.sigmoid(-60.0 * (mean_actin - 0.12))
+    return torch.stack([1 - p1, p1], dim=1)
+
+
+def test_classifier_sensitivity_finds_what_a_stub_classifier_reads() -> None:
+    from diffex.evaluate.sensitivity import classifier_sensitivity
+
+    spec = load_spec(None)
+    sens = classifier_sensitivity(
+        _actin_probe, lambda u: u * 2 - 1, spec, "control", "treated", 1, size=32, n_cells=24
+    )
+    f = sens["factors"]
+    # each causal factor moves by its class gap in the spec's units, nuisances by one sd
+    assert f["actin_intensity"]["shift"] == pytest.approx(-1.0 * 0.07)
+    assert f["nucleus_area"]["shift"] == pytest.approx(1.8 * 25)
+    assert f["spot_count"]["shift"] == pytest.approx(1.6 * 3.5)
+    assert f["background"]["shift"] == pytest.approx(0.02) and f["background"]["shift_sd"] == 1
+    # the stub reads actin: less actin raises p(treated); the puncta channel it never reads
+    assert f["actin_intensity"]["mean_delta_p"] > 0.05
+    assert abs(f["spot_count"]["mean_delta_p"]) < 0.2 * f["actin_intensity"]["mean_delta_p"]
+    # a brighter background raises mean actin too: the probe shows the shortcut as negative
+    assert f["background"]["mean_delta_p"] < -0.05
+    lo, hi = f["actin_intensity"]["delta_p_ci"]
+    assert lo <= f["actin_intensity"]["mean_delta_p"] <= hi
+    assert 0.0 <= f["all causal"]["flip_rate"] <= 1.0
+    again = classifier_sensitivity(
+        _actin_probe, lambda u: u * 2 - 1, spec, "control", "treated", 1, size=32, n_cells=24
+    )
+    assert again == sens  # seeded
+    with pytest.raises(DiffexError, match="'mutant'"):
+        classifier_sensitivity(_actin_probe, lambda u: u, spec, "control", "mutant", 1, size=32)

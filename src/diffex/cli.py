@@ -942,6 +942,14 @@ def explain_cmd(opts: Options, run: Path, **kw: Any) -> None:
     help="Real held-out target-class images that realism compares with.",
 )
 @click.option(
+    "--sensitivity-cells",
+    type=click.IntRange(min=2),
+    default=256,
+    show_default=True,
+    help="Synthetic data only: cells the generator draws to measure the classifier's own "
+    "response to each factor.",
+)
+@click.option(
     "--imagenet/--no-imagenet",
     default=True,
     show_default=True,

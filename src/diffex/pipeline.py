@@ -83,7 +83,13 @@ def demo_preset(name: str, seed: int = 0) -> DemoConfig:
             rank=RankConfig(m=2, n_images=12, ddim_steps=8, seed=seed),
             explain=ExplainConfig(n_cells=4, n_strip=3, n_alphas=5, ddim_steps=8, seed=seed),
             evaluate=EvaluateConfig(
-                n_images=8, ddim_steps=8, cout_steps=10, n_real=16, imagenet_size=64, seed=seed
+                n_images=8,
+                ddim_steps=8,
+                cout_steps=10,
+                n_real=16,
+                imagenet_size=64,
+                sensitivity_cells=32,
+                seed=seed,
             ),
         )
     if name == "default":

@@ -151,13 +151,13 @@ def load_unit_images(
         if min(h, w) < size:
             raise DiffexError(f"image {path} is {w}x{h}, smaller than the model size {size}x{size}")
         unit = raw.astype(np.float32) / dtype_max(raw.dtype)
-        out[i] = _crop_resize(unit, size)
+        out[i] = crop_resize(unit, size)
     if out is None:
         raise DiffexError("no images to load")
     return out
 
 
-def _crop_resize(img: np.ndarray, size: int) -> np.ndarray:
+def crop_resize(img: np.ndarray, size: int) -> np.ndarray:
     """Centre-crop to a square, then resize with antialiasing."""
     h, w = img.shape[1:]
     s = min(h, w)

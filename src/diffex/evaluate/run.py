@@ -3,6 +3,7 @@ realistic and disentangled, in ``RUN/evaluation.json`` and plots in ``RUN/evalua
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffex.data.loading import DataPlan, SplitData, load_split
-from diffex.data.spec import load_spec
+from diffex.data.loading import DataPlan, SplitData, crop_resize, load_split
+from diffex.data.spec import SynthSpec, load_spec
+from diffex.data.synth import GENERATOR
 from diffex.errors import DiffexError
 from diffex.evaluate.counterfactual import cout, effect, proximity
 from diffex.evaluate.disentangle import abs_cosine_matrix, max_off_diagonal
@@ -20,6 +22,7 @@ from diffex.evaluate.fidelity import classifier_agreement, pixel_metrics
 from diffex.evaluate.groundtruth import expected_signs, recovery
 from diffex.evaluate.plots import cos_heatmap, cout_curves, rho_heatmap, sufficiency_curve
 from diffex.evaluate.realism import frechet_distance, kid
+from diffex.evaluate.sensitivity import classifier_sensitivity
 from diffex.explain.latents import encode_cached
 from diffex.explain.methods import METHODS, REFERENCE, load_direction_set, method_folder
 from diffex.explain.rank import heldout_split, pick_other_classes, prober
@@ -46,12 +49,17 @@ class EvaluateConfig:
     imagenet: bool = True
     imagenet_size: int = 224
     kid_subsets: int = 50
+    sensitivity_cells: int = 256
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("n_images", "ddim_steps", "batch_size", "cout_steps", "kid_subsets"):
             if getattr(self, name) < 1:
                 raise DiffexError(f"evaluate: {name} must be >= 1, got {getattr(self, name)}")
+        if self.sensitivity_cells < 2:
+            raise DiffexError(
+                f"evaluate: sensitivity_cells must be >= 2, got {self.sensitivity_cells}"
+            )
         if self.n_images < 2 or self.n_real < 2:
             raise DiffexError("evaluate: n_images and n_real must be >= 2 (FID needs 2 images)")
         if self.imagenet_size < 32:
@@ -134,6 +142,42 @@ def _realism(
                 "kid": kid(fx, fr, subsets=cfg.kid_subsets, seed=cfg.seed),
             }
     return out
+
+
+def _sensitivity(
+    data_root: Path,
+    spec: SynthSpec,
+    plan: DataPlan,
+    source: str,
+    target: int,
+    probs: Callable[[torch.Tensor], torch.Tensor],
+    cfg: EvaluateConfig,
+) -> dict[str, Any] | None:
+    """The classifier's response to each factor, when the data came from ``diffex synth``
+    (whose ``dataset.json`` says how the images were rendered and stored)."""
+    meta_path = data_root / "dataset.json"
+    meta = read_json(meta_path) if meta_path.is_file() else {}
+    if meta.get("generator") != GENERATOR or not isinstance(meta.get("image_size"), int):
+        return None
+    info("evaluate: the classifier's response to each synthetic factor")
+
+    def to_model(unit: np.ndarray) -> np.ndarray:
+        if unit.shape[-1] != plan.image_size:
+            unit = np.stack([crop_resize(u, plan.image_size) for u in unit])
+        return plan.normalization.to_model(unit)
+
+    return classifier_sensitivity(
+        probs,
+        to_model,
+        spec,
+        source,
+        plan.classes[target],
+        target,
+        size=meta["image_size"],
+        n_cells=cfg.sensitivity_cells,
+        seed=cfg.seed,
+        quantize=meta.get("format", "png") == "png",
+    )
 
 
 def evaluate_run(
@@ -269,6 +313,9 @@ def evaluate_run(
         gt["reference"] = recovery(ref, signs, spec.nuisance) if ref else None
         gt.update(
             spec=str(spec_path), source_class=source, causal=spec.causal, nuisance=spec.nuisance
+        )
+        gt["classifier_sensitivity"] = _sensitivity(
+            data_root, spec, plan, source, target, probs, cfg
         )
         result["ground_truth"] = gt
     else:

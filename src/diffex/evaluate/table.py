@@ -43,6 +43,20 @@ def evaluation_tables(result: dict[str, Any]) -> list[Table]:
             "ground truth leakage (max nuisance |rho|)",
             f"{_f(gt['leakage'], '.2f')}" + (f" ({worst['factor']})" if worst else ""),
         )
+        sens = (gt.get("classifier_sensitivity") or {}).get("factors") or {}
+        causal = [f for f, v in sens.items() if v["kind"] == "causal"]
+        if causal:
+            head.add_row(
+                "classifier delta-p per class gap (generator)",
+                ", ".join(f"{f} {_f(sens[f]['mean_delta_p'], '+.2f')}" for f in causal),
+            )
+        nuis = [f for f, v in sens.items() if v["kind"] == "nuisance"]
+        if nuis:
+            top = max(nuis, key=lambda f: abs(sens[f]["mean_delta_p"] or 0.0))
+            head.add_row(
+                "largest nuisance delta-p per sd (generator)",
+                f"{top} {_f(sens[top]['mean_delta_p'], '+.2f')}",
+            )
     rows = Table(title="per direction")
     for col in (
         "direction",
