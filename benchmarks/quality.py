@@ -180,6 +180,25 @@ def table(results: dict[int, dict[str, Any]], host: str, flags: str = "") -> str
                 + " | ".join(f"{c:.0f} s" if c is not None else "-" for c in cells)
                 + " |"
             )
+    sens = [results[s].get("sensitivity") or {} for s in seeds]
+    factors = [f for f in sens[0] if all(f in x for x in sens)] if sens else []
+    if factors:
+        lines += [
+            "",
+            "The classifier's own response to each factor, without the autoencoder "
+            "(`ground_truth.classifier_sensitivity`: the generator draws the same source cells "
+            "again with one factor moved, a causal factor by its class gap, a nuisance factor by "
+            "one sd):",
+            "",
+            "| factor | kind | delta-p(target) | flip rate |",
+            "|---|---|---|---|",
+        ]
+        for f in factors:
+            lines.append(
+                f"| {f} | {sens[0][f]['kind']} | "
+                f"{_stat([x[f].get('mean_delta_p') for x in sens], 3)} | "
+                f"{_stat([x[f].get('flip_rate') for x in sens], 2)} |"
+            )
     lines += ["", "Per seed:", ""]
     lines += ["| seed | method | top-1 delta-p | top-1 flip | recovery | leakage |"]
     lines += ["|---|---|---|---|---|---|"]
@@ -237,6 +256,9 @@ def main() -> None:
             "headline": ev["headline"],
             "methods": ev["comparison"]["methods"],
             "seconds": seconds(run),
+            "sensitivity": ((ev.get("ground_truth") or {}).get("classifier_sensitivity") or {}).get(
+                "factors", {}
+            ),
         }
         flags = "".join(
             f" --{k}" for k in ("no-paper", "no-gcd") if getattr(args, k.replace("-", "_"))
