@@ -287,3 +287,27 @@ def test_classifier_sensitivity_finds_what_a_stub_classifier_reads() -> None:
     assert again == sens  # seeded
     with pytest.raises(DiffexError, match="'mutant'"):
         classifier_sensitivity(_actin_probe, lambda u: u, spec, "control", "mutant", 1, size=32)
+
+
+def test_morphology_roundtrip_by_hand() -> None:
+    from diffex.data.synth import render_cell
+    from diffex.evaluate.fidelity import morphology_roundtrip
+
+    rng = np.random.default_rng(0)
+    real = np.stack(
+        [
+            render_cell({"nucleus_area": a, "spot_count": c}, 48, rng)
+            for a, c in zip((100, 130, 160, 190, 220, 250), (4, 6, 8, 10, 12, 14), strict=True)
+        ]
+    )
+    same = morphology_roundtrip(real, real.copy())
+    assert same["nucleus_area"]["r"] == pytest.approx(1.0)
+    assert same["nucleus_area"]["pct_change"] == pytest.approx(0.0)
+    assert same["spot_count"]["n"] == 6 and "rotation" not in same
+    copy = real.copy()
+    copy[:, 2] = 0.06  # puncta erased: a flat spots channel at the background level
+    lost = morphology_roundtrip(real, copy)
+    assert lost["spot_count"]["copy_mean"] == 0.0
+    assert lost["spot_count"]["pct_change"] == pytest.approx(-100.0)
+    assert lost["spot_count"]["r"] is None or np.isnan(lost["spot_count"]["r"])
+    assert lost["nucleus_area"]["r"] == pytest.approx(1.0)  # other channels untouched

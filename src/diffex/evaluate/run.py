@@ -18,7 +18,7 @@ from diffex.errors import DiffexError
 from diffex.evaluate.counterfactual import cout, effect, proximity
 from diffex.evaluate.disentangle import abs_cosine_matrix, max_off_diagonal
 from diffex.evaluate.features import classifier_features, imagenet_space
-from diffex.evaluate.fidelity import classifier_agreement, pixel_metrics
+from diffex.evaluate.fidelity import classifier_agreement, morphology_roundtrip, pixel_metrics
 from diffex.evaluate.groundtruth import expected_signs, recovery
 from diffex.evaluate.plots import cos_heatmap, cout_curves, rho_heatmap, sufficiency_curve
 from diffex.evaluate.realism import frechet_distance, kid
@@ -67,18 +67,20 @@ class EvaluateConfig:
 
 
 def _fidelity(
-    ae: DiffusionAutoencoder, data: SplitData, split: str, cfg: EvaluateConfig
+    ae: DiffusionAutoencoder, data: SplitData, split: str, plan: DataPlan, cfg: EvaluateConfig
 ) -> dict[str, Any]:
     idx = np.sort(np.random.default_rng(cfg.seed).permutation(len(data.y))[: cfg.n_images])
     x = data.x[idx]
     info(f"evaluate: fidelity round trip of {len(x)} {split} images ({cfg.ddim_steps} DDIM steps)")
     rec = ae.reconstruct(x, steps=cfg.ddim_steps, batch_size=cfg.batch_size)
+    unit = plan.normalization.to_unit
     return {
         "split": split,
         "n": len(x),
         "ddim_steps": cfg.ddim_steps,
         **pixel_metrics(x, rec),
         **classifier_agreement(ae.classifier, x, rec),
+        "morphology": morphology_roundtrip(unit(x), unit(rec), plan.measure_channels),
     }
 
 
@@ -208,7 +210,7 @@ def evaluate_run(
     }
     split = heldout_split(plan)
     held = load_split(plan, split)  # fidelity, source cells and real target cells all come from it
-    result["fidelity"] = _fidelity(ae, held, split, cfg)
+    result["fidelity"] = _fidelity(ae, held, split, plan, cfg)
 
     sidx = pick_other_classes(held, split, target, cfg.n_images, cfg.seed)
     x, y_src = held.x[sidx], held.y.numpy()[sidx]

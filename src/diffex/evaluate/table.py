@@ -27,6 +27,12 @@ def evaluation_tables(result: dict[str, Any]) -> list[Table]:
     head.add_row("classifier accuracy (test)", _f(h.get("accuracy")))
     head.add_row("round trip PSNR / SSIM", f"{_f(fid['psnr'], '.1f')} dB / {_f(fid['ssim'])}")
     head.add_row("classifier agreement / KL", f"{_f(fid['agreement'])} / {_f(fid['kl'], '.4f')}")
+    morph = fid.get("morphology") or {}
+    if morph:
+        head.add_row(
+            "round trip keeps each cell's measurement (r)",
+            ", ".join(f"{k} {_f(v['r'], '.2f')}" for k, v in morph.items()),
+        )
     suff = result["sufficiency"]
     if suff:
         head.add_row(
