@@ -311,3 +311,15 @@ def test_morphology_roundtrip_by_hand() -> None:
     assert lost["spot_count"]["pct_change"] == pytest.approx(-100.0)
     assert lost["spot_count"]["r"] is None or np.isnan(lost["spot_count"]["r"])
     assert lost["nucleus_area"]["r"] == pytest.approx(1.0)  # other channels untouched
+
+
+def test_sensitivity_skips_data_not_made_by_synth(tmp_path: Path) -> None:
+    from diffex.evaluate.run import EvaluateConfig, _sensitivity
+
+    spec = load_spec(None)
+    args = (spec, None, "control", 1, _actin_probe, EvaluateConfig())
+    assert _sensitivity(tmp_path, *args) is None  # no dataset.json
+    (tmp_path / "dataset.json").write_text('{"generator": "my microscope"}')
+    assert _sensitivity(tmp_path, *args) is None
+    (tmp_path / "dataset.json").write_text("{broken")
+    assert _sensitivity(tmp_path, *args) is None  # warned, and the evaluation goes on

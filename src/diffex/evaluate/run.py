@@ -28,7 +28,7 @@ from diffex.explain.methods import METHODS, REFERENCE, load_direction_set, metho
 from diffex.explain.rank import heldout_split, pick_other_classes, prober
 from diffex.explain.ranking import artifact_measures, artifact_z, reference_spread
 from diffex.io.atomic import read_json, write_json
-from diffex.log import info, track
+from diffex.log import info, track, warn
 from diffex.models.autoencoder import DiffusionAutoencoder
 from diffex.rundir import RunDir
 from diffex.train.autoencoder import load_autoencoder
@@ -158,8 +158,14 @@ def _sensitivity(
     """The classifier's response to each factor, when the data came from ``diffex synth``
     (whose ``dataset.json`` says how the images were rendered and stored)."""
     meta_path = data_root / "dataset.json"
-    meta = read_json(meta_path) if meta_path.is_file() else {}
-    if meta.get("generator") != GENERATOR or not isinstance(meta.get("image_size"), int):
+    try:
+        meta = read_json(meta_path) if meta_path.is_file() else {}
+    except DiffexError as exc:  # the rest of the evaluation is worth keeping
+        warn(f"evaluate: no classifier sensitivity ({exc})")
+        return None
+    if not isinstance(meta, dict) or meta.get("generator") != GENERATOR:
+        return None
+    if not isinstance(meta.get("image_size"), int):
         return None
     info("evaluate: the classifier's response to each synthetic factor")
 
