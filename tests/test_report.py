@@ -57,6 +57,10 @@ def test_report_is_self_contained(demo_run: Path) -> None:
     assert sources and all(s.startswith("data:image/") for s in sources)
     assert "http://" not in html and "https://" not in html
     assert html.count('class="sweep"') >= 1
+    # ground truth: each causal factor with the classifier's own response and the round trip's r
+    assert "<th>classifier response</th><th>round trip r</th>" in html
+    row = r"<tr><td>nucleus_area</td><td>\+</td><td>[^<]*</td><td>-?\d\.\d{3}</td><td>[-.\d]*</td>"
+    assert re.search(row, html)
 
 
 def test_missing_sections_are_left_out(hostile_run: Path) -> None:

@@ -334,8 +334,16 @@ def _evaluation_section(root: Path) -> dict[str, Any] | None:
                 }
             )
     gt = ev.get("ground_truth") if isinstance(ev.get("ground_truth"), dict) else None
+    sens = ((gt or {}).get("classifier_sensitivity") or {}).get("factors") or {}
+    kept = (ev.get("fidelity") or {}).get("morphology") or {}
     factors = [
-        (f, "+" if v.get("expected_sign", 0) > 0 else "-", ", ".join(v.get("by") or []) or "no")
+        (
+            f,
+            "+" if v.get("expected_sign", 0) > 0 else "-",
+            ", ".join(v.get("by") or []) or "no",
+            _fmt((sens.get(f) or {}).get("mean_delta_p")),
+            _fmt((kept.get(f) or {}).get("r"), 2),
+        )
         for f, v in ((gt or {}).get("factors") or {}).items()
         if isinstance(v, dict)
     ]
