@@ -3,7 +3,6 @@ realistic and disentangled, in ``RUN/evaluation.json`` and plots in ``RUN/evalua
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from diffex.data.loading import DataPlan, SplitData, crop_resize, load_split
 from diffex.data.spec import SynthSpec, load_spec
 from diffex.data.synth import GENERATOR
 from diffex.errors import DiffexError
-from diffex.evaluate.counterfactual import cout, effect, proximity
+from diffex.evaluate.counterfactual import ProbFn, cout, effect, proximity
 from diffex.evaluate.disentangle import abs_cosine_matrix, max_off_diagonal
 from diffex.evaluate.features import classifier_features, imagenet_space
 from diffex.evaluate.fidelity import classifier_agreement, morphology_roundtrip, pixel_metrics
@@ -152,7 +151,7 @@ def _sensitivity(
     plan: DataPlan,
     source: str,
     target: int,
-    probs: Callable[[torch.Tensor], torch.Tensor],
+    probs: ProbFn,
     cfg: EvaluateConfig,
 ) -> dict[str, Any] | None:
     """The classifier's response to each factor, when the data came from ``diffex synth``

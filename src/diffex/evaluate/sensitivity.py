@@ -19,14 +19,13 @@ import torch
 from diffex.data.spec import KNOWN_FACTORS, SynthSpec
 from diffex.data.synth import render_cell, sample_factors
 from diffex.errors import DiffexError
-from diffex.evaluate.counterfactual import effect
+from diffex.evaluate.counterfactual import ProbFn, effect
 
 #: Nuisance factors are moved by this many of their sds (they have no class gap to move by).
 NUISANCE_SHIFT_SD = 1.0
 ALL_CAUSAL = "all causal"
 
 ToModel = Callable[[np.ndarray], np.ndarray]
-ProbFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _render(
