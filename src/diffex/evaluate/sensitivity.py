@@ -93,7 +93,8 @@ def classifier_sensitivity(
             moves[name] = ("causal", sds * spec.factors[name].scale, sds)
     for name in spec.nuisance:
         if KNOWN_FACTORS[name].periodic is None:
-            moves[name] = ("nuisance", NUISANCE_SHIFT_SD * spec.factors[name].scale, 1.0)
+            shift = NUISANCE_SHIFT_SD * spec.factors[name].scale
+            moves[name] = ("nuisance", shift, NUISANCE_SHIFT_SD)
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
     cells = sample_factors(spec, source, n_cells, rng)
     roles = spec.roles
