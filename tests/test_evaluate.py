@@ -18,6 +18,7 @@ from diffex.evaluate.counterfactual import cout, effect, proximity
 from diffex.evaluate.features import rgb_composite
 from diffex.evaluate.groundtruth import expected_signs, recovery
 from diffex.evaluate.realism import frechet_distance, kid
+from diffex.evaluate.run import EvaluateConfig
 
 
 def _probs_sum(x: torch.Tensor) -> torch.Tensor:
@@ -323,3 +324,15 @@ def test_sensitivity_skips_data_not_made_by_synth(tmp_path: Path) -> None:
     assert _sensitivity(tmp_path, *args) is None
     (tmp_path / "dataset.json").write_text("{broken")
     assert _sensitivity(tmp_path, *args) is None  # warned, and the evaluation goes on
+
+
+def test_too_few_sensitivity_cells_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main(["evaluate", "--run", str(run), "--sensitivity-cells", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--sensitivity-cells" in err and "Traceback" not in err
+    with pytest.raises(DiffexError, match="sensitivity_cells"):
+        EvaluateConfig(sensitivity_cells=1)
