@@ -312,6 +312,17 @@ def test_morphology_roundtrip_by_hand() -> None:
     assert lost["spot_count"]["pct_change"] == pytest.approx(-100.0)
     assert lost["spot_count"]["r"] is None or np.isnan(lost["spot_count"]["r"])
     assert lost["nucleus_area"]["r"] == pytest.approx(1.0)  # other channels untouched
+    # a denoised copy (the same factors, no pixel noise) keeps its puncta: counted with the real
+    # cells' spot-noise floor, not with its own near-zero noise
+    clean = np.stack(
+        [
+            render_cell({"nucleus_area": a, "spot_count": c, "noise": 0.0}, 48, rng)
+            for a, c in zip((100, 130, 160, 190, 220, 250), (4, 6, 8, 10, 12, 14), strict=True)
+        ]
+    )
+    kept = morphology_roundtrip(real, clean)
+    assert abs(kept["spot_count"]["pct_change"]) < 15
+    assert kept["spot_count"]["r"] > 0.9
 
 
 def test_sensitivity_skips_data_not_made_by_synth(tmp_path: Path) -> None:

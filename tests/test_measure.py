@@ -17,9 +17,10 @@ from diffex.data.measure import (
     channel_roles,
     measure_batch,
     measure_image,
+    spot_noise_floor,
 )
 from diffex.data.spec import load_spec
-from diffex.data.synth import generate
+from diffex.data.synth import generate, render_cell, sample_factors
 from diffex.errors import DiffexError
 
 N, SEED = 600, 0
@@ -149,3 +150,33 @@ def test_an_object_without_cell_roles_is_measured_from_all_channels():
     assert m["elongation"] == pytest.approx(2.0, rel=0.05)
     assert m["offset_x"] == pytest.approx(4.0, abs=0.3)
     assert np.isnan(m["nucleus_area"]) and np.isnan(m["spot_count"])
+
+
+def test_spot_floor_counts_a_denoised_copy_with_the_real_ruler():
+    """A diffusion model's copy of a cell has no pixel noise but faint bumps. Its own noise would
+    set the spot threshold near 0 and count the bumps; with the spot-noise floor of the real
+    cells it counts the puncta the real cell has."""
+    spec = load_spec(None)
+    cells = sample_factors(spec, "control", 16, np.random.default_rng(3))
+    rngs = [np.random.default_rng(i) for i in range(len(cells))]
+    real = np.stack([render_cell(c, 48, r) for c, r in zip(cells, rngs, strict=True)])
+    rngs = [np.random.default_rng(i) for i in range(len(cells))]  # the same cells, noise-free
+    copy = np.stack(
+        [render_cell({**c, "noise": 0.0}, 48, r) for c, r in zip(cells, rngs, strict=True)]
+    )
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[:48, :48] + 0.5
+    for img in copy:  # six faint bumps (a quarter of a typical punctum) near the centre
+        for cy, cx in rng.uniform(14, 34, size=(6, 2)):
+            img[2] += 0.03 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 0.8**2))
+    floor = spot_noise_floor(real)
+    assert floor is not None and floor > 0.005
+    n_real = measure_batch(real)["spot_count"]
+    own = measure_batch(copy)["spot_count"]
+    ruled = measure_batch(copy, spot_floor=floor)["spot_count"]
+    assert own.mean() > n_real.mean() + 3
+    assert abs(ruled.mean() - n_real.mean()) < 1.5
+    assert np.corrcoef(n_real, ruled)[0, 1] > 0.8
+    # the floor never lowers a real image's own threshold, so real counts barely move
+    assert np.abs(measure_batch(real, spot_floor=floor)["spot_count"] - n_real).mean() < 0.5
+    assert spot_noise_floor(real, channels={"nucleus": 0, "actin": 1}) is None

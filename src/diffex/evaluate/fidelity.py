@@ -10,7 +10,7 @@ import torch
 from scipy.stats import pearsonr
 from skimage.metrics import structural_similarity
 
-from diffex.data.measure import CIRCULAR, MEASUREMENTS, measure_batch
+from diffex.data.measure import CIRCULAR, MEASUREMENTS, measure_batch, spot_noise_floor
 from diffex.models.protocol import Classifier, classifier_device
 
 
@@ -55,8 +55,12 @@ def morphology_roundtrip(
     real_mean <= 0) and ``r``, the Pearson correlation between a cell's value and its copy's
     (how much of each cell's own value survives; NaN when either side is constant). An
     attribute the round trip does not keep is one no edit of the latent can be seen to change.
+    Both sides count puncta with the spot-noise floor of the real images
+    (:func:`diffex.data.measure.spot_noise_floor`), since copies come out nearly noise-free.
     """
-    m0, m1 = measure_batch(unit_real, channels), measure_batch(unit_copy, channels)
+    floor = spot_noise_floor(unit_real, channels)
+    m0 = measure_batch(unit_real, channels, spot_floor=floor)
+    m1 = measure_batch(unit_copy, channels, spot_floor=floor)
     out: dict[str, dict[str, Any]] = {}
     for feat in MEASUREMENTS:
         if feat in CIRCULAR:

@@ -13,7 +13,7 @@ import torch
 from scipy.stats import spearmanr
 
 from diffex.data.loading import DataPlan, load_split
-from diffex.data.measure import CIRCULAR, MEASUREMENTS, measure_batch
+from diffex.data.measure import CIRCULAR, MEASUREMENTS, measure_batch, spot_noise_floor
 from diffex.errors import DiffexError
 from diffex.explain.figures import (
     alpha_strip,
@@ -81,12 +81,16 @@ def sweep(
 
 
 def factor_trends(
-    unit_frames: np.ndarray, alphas: np.ndarray, channels: Mapping[str, int] | None = None
+    unit_frames: np.ndarray,
+    alphas: np.ndarray,
+    channels: Mapping[str, int] | None = None,
+    spot_floor: float | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Spearman rho between alpha and each measurement over all (cell, alpha) pairs."""
+    """Spearman rho between alpha and each measurement over all (cell, alpha) pairs
+    (``spot_floor``: see :func:`diffex.data.measure.measure_image`)."""
     a, n = unit_frames.shape[:2]
     flat = unit_frames.reshape(a * n, *unit_frames.shape[2:])
-    values = measure_batch(flat, channels)
+    values = measure_batch(flat, channels, spot_floor=spot_floor)
     alpha_rep = np.repeat(alphas, n)
     out: dict[str, dict[str, float]] = {}
     for feat in MEASUREMENTS:
@@ -118,7 +122,7 @@ def explain_run(
     z, x_T = encode_cached(ae, run, x, keys, cfg.ddim_steps, cfg.batch_size)
     probs = prober(ae)
     out = dset.folder / "explanations"
-    class_stats = _class_stats(plan) if cfg.measure else None
+    class_stats, spot_floor = _class_stats(plan) if cfg.measure else (None, None)
     source_name = _source_name(plan, target)
     items = dset.all_items()
     summary: dict[str, Any] = {
@@ -126,6 +130,7 @@ def explain_run(
         "target_class": target_name,
         "alphas": (float(dset.ranking["alpha"]) * np.linspace(-1, 1, cfg.n_alphas)).tolist(),
         "n_cells": len(x),
+        "spot_floor": spot_floor,
         "items": [],
     }
     for item in track(items, "explain", total=len(items)):
@@ -177,8 +182,9 @@ def explain_run(
                 target_name,
                 seed=cfg.seed,
                 channels=plan.measure_channels,
+                spot_floor=spot_floor,
             )
-            trends = factor_trends(unit, alphas, plan.measure_channels)
+            trends = factor_trends(unit, alphas, plan.measure_channels, spot_floor)
             for row in rows:
                 row["rho_alpha"] = trends.get(row["feature"], {}).get("rho", float("nan"))
             morphology_table_png(rows, folder / "morphology.png", title=title)
@@ -195,11 +201,16 @@ def _source_name(plan: DataPlan, target: int) -> str:
     return next(c for i, c in enumerate(plan.classes) if i != target)
 
 
-def _class_stats(plan: DataPlan) -> dict[str, Any]:
-    """Measurements of real held-out cells per class (validation split), measured once."""
+def _class_stats(plan: DataPlan) -> tuple[dict[str, Any], float | None]:
+    """Measurements of real held-out cells per class (validation split), measured once, and
+    the spot-noise floor of those cells (:func:`diffex.data.measure.spot_noise_floor`) that
+    generated frames are measured with."""
     data = load_split(plan, "val")
     unit = plan.normalization.to_unit(data.x)
-    return class_feature_stats(
+    floor = spot_noise_floor(unit, plan.measure_channels)
+    stats = class_feature_stats(
         {c: unit[data.y.numpy() == i] for i, c in enumerate(plan.classes) if (data.y == i).any()},
         plan.measure_channels,
+        spot_floor=floor,
     )
+    return stats, floor

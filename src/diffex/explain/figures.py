@@ -383,6 +383,7 @@ def class_feature_stats(
     class_unit: Mapping[str, Any],
     channels: Mapping[str, int] | None = None,
     reference_size: int | None = REFERENCE_SIZE,
+    spot_floor: float | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Measure real images of each class once: ``{class: {feature: {mean, sd, n}}}``.
 
@@ -391,7 +392,7 @@ def class_feature_stats(
     """
     out: dict[str, dict[str, dict[str, float]]] = {}
     for name, imgs in class_unit.items():
-        m = measure_batch(_np(imgs), channels, reference_size)
+        m = measure_batch(_np(imgs), channels, reference_size, spot_floor)
         out[name] = {}
         for k, v in m.items():
             v = v[np.isfinite(v)]
@@ -404,10 +405,13 @@ def class_feature_stats(
 
 
 def _class_stats(
-    class_unit: Mapping[str, Any], channels: Mapping[str, int] | None, reference_size: int | None
+    class_unit: Mapping[str, Any],
+    channels: Mapping[str, int] | None,
+    reference_size: int | None,
+    spot_floor: float | None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     arrays = {k: v for k, v in class_unit.items() if not isinstance(v, Mapping)}
-    stats = class_feature_stats(arrays, channels, reference_size) if arrays else {}
+    stats = class_feature_stats(arrays, channels, reference_size, spot_floor) if arrays else {}
     for name, v in class_unit.items():
         if isinstance(v, Mapping):
             stats[name] = {
@@ -434,6 +438,7 @@ def morphology_readout(
     seed: int = 0,
     channels: Mapping[str, int] | None = None,
     reference_size: int | None = REFERENCE_SIZE,
+    spot_floor: float | None = None,
 ) -> list[dict[str, Any]]:
     """How classical measurements change along a direction, one row per measurement.
 
@@ -453,7 +458,9 @@ def morphology_readout(
     exactly 0 counts as none. % change is
     NaN for signed measurements (offsets) and when mean_0 <= 0. Circular measurements
     (``rotation``, axial and undefined for round cells) are skipped. Rows keep the order of
-    :data:`diffex.data.measure.MEASUREMENTS`.
+    :data:`diffex.data.measure.MEASUREMENTS`. ``spot_floor`` (see
+    :func:`diffex.data.measure.measure_image`) applies to every image measured here; pass
+    :func:`diffex.data.measure.spot_noise_floor` of real images when the frames are generated.
     """
     u0, u1 = _np(unit_0), _np(unit_alpha)
     if u0.ndim != 4 or u0.shape != u1.shape or len(u0) == 0:
@@ -466,9 +473,9 @@ def morphology_readout(
     for name in (source, target):
         if name not in class_unit:
             raise DiffexError(f"morphology_readout: no real images or statistics for {name!r}")
-    stats = _class_stats(class_unit, channels, reference_size)
-    m0 = measure_batch(u0, channels, reference_size)
-    m1 = measure_batch(u1, channels, reference_size)
+    stats = _class_stats(class_unit, channels, reference_size, spot_floor)
+    m0 = measure_batch(u0, channels, reference_size, spot_floor)
+    m1 = measure_batch(u1, channels, reference_size, spot_floor)
     rng = np.random.default_rng(seed)
     rows = []
     for feat in MEASUREMENTS:
