@@ -17,6 +17,7 @@ from diffex.data.measure import (
     channel_roles,
     measure_batch,
     measure_image,
+    measure_real,
     spot_noise_floor,
 )
 from diffex.data.spec import load_spec
@@ -114,8 +115,9 @@ def test_channel_mapping_and_blank_images(data):
     assert no_spots["nucleus_area"] == pytest.approx(meas["nucleus_area"][0])
     with pytest.raises(DiffexError, match="spots=5"):
         measure_image(img, channels={"nucleus": 0, "actin": 1, "spots": 5})
-    with pytest.raises(DiffexError, match="shape"):
-        measure_batch(img)
+    for fn in (measure_batch, spot_noise_floor, measure_real):
+        with pytest.raises(DiffexError, match=rf"{fn.__name__}: .*shape \(3, "):
+            fn(img)
 
 
 def test_measurements_are_scale_free():
@@ -180,3 +182,10 @@ def test_spot_floor_counts_a_denoised_copy_with_the_real_ruler():
     # the floor never lowers a real image's own threshold, so real counts barely move
     assert np.abs(measure_batch(real, spot_floor=floor)["spot_count"] - n_real).mean() < 0.5
     assert spot_noise_floor(real, channels={"nucleus": 0, "actin": 1}) is None
+    # one pass over the real cells gives the same floor and the same floor-ruled measurements
+    one_pass, floor1 = measure_real(real)
+    assert floor1 == floor
+    two_pass = measure_batch(real, spot_floor=floor)
+    for k in MEASUREMENTS:
+        np.testing.assert_array_equal(one_pass[k], two_pass[k])
+    assert measure_real(real, channels={"nucleus": 0, "actin": 1})[1] is None

@@ -80,6 +80,8 @@ _SQRT_2PI = math.sqrt(2.0 * math.pi)
 #: Smoothing before spot detection, in pixels of the reference frame.
 SPOT_SIGMA = 0.7
 _DISK3 = np.hypot(*np.mgrid[-3:4, -3:4]) <= 3.0
+_MIN_SPOT = 1e-3  # least tophat height counted at all
+_NO_PEAKS = np.zeros(0)
 
 
 def _largest(mask: np.ndarray) -> np.ndarray:
@@ -147,15 +149,23 @@ def measure_image(
     return _measure(img, channels, reference_size, spot_sigma, spot_floor)[0]
 
 
+def _spot_threshold(noise_s: float, spot_floor: float | None) -> float:
+    """Least tophat height of a punctum: 5 sds of the background noise (or of the floor)."""
+    noise_t = noise_s if spot_floor is None else max(noise_s, spot_floor)
+    return max(5.0 * noise_t, _MIN_SPOT)
+
+
 def _measure(
     img: np.ndarray,
     channels: Mapping[str, int] | None,
     reference_size: int | None,
     spot_sigma: float,
     spot_floor: float | None,
-) -> tuple[dict[str, float], float]:
-    """:func:`measure_image` and the spots channel's smoothed background noise sd (NaN when
-    no cell or no spots channel)."""
+) -> tuple[dict[str, float], float, np.ndarray]:
+    """:func:`measure_image`, the spots channel's smoothed background noise sd (NaN when no
+    cell or no spots channel) and the tophat heights of every candidate punctum in the cell.
+    Local maxima do not depend on the threshold, so the count at any threshold is the number
+    of heights above it (how :func:`measure_real` recounts without segmenting again)."""
     img = np.asarray(img, dtype=np.float64)
     if img.ndim != 3:
         raise DiffexError(f"measure: expected a (C, H, W) image, got shape {img.shape}")
@@ -170,13 +180,13 @@ def _measure(
     act = img[ch["actin"]] if "actin" in ch else img.mean(axis=0)
     act_s = ndi.gaussian_filter(act, 1.0 * s)
     if act_s.max() - act_s.min() < 1e-6:
-        return out, float("nan")
+        return out, float("nan"), _NO_PEAKS
     t0 = threshold_otsu(act_s)
     bg0 = np.median(act_s[act_s <= t0])
     level = np.median(act_s[act_s > t0])
     cell = _largest(act_s > bg0 + 0.4 * (level - bg0))
     if cell.sum() < 9:
-        return out, float("nan")
+        return out, float("nan"), _NO_PEAKS
     near = ndi.binary_dilation(cell, iterations=max(1, round(4 * s)))
     bgpix = ~near
     if bgpix.sum() < 16:  # cell fills the frame: fall back to the darkest quarter
@@ -221,22 +231,22 @@ def _measure(
 
     # Puncta.
     if "spots" not in ch:
-        return out, float("nan")
+        return out, float("nan"), _NO_PEAKS
     sp = img[ch["spots"]]
     sig = spot_sigma * s
     sp_s = ndi.gaussian_filter(sp, sig)
     noise_s = _noise_sd(sp_s[bgpix])
-    noise_t = noise_s if spot_floor is None else max(noise_s, spot_floor)
     tophat = ndi.white_tophat(sp_s, footprint=_DISK3 if s < 1.5 else _disk(round(3 * s)))
     peaks = peak_local_max(
         tophat,
         min_distance=1,
-        threshold_abs=max(5.0 * noise_t, 1e-3),
+        threshold_abs=_MIN_SPOT,
         labels=region.astype(np.int32),
         exclude_border=False,
     )
-    out["spot_count"] = float(len(peaks))
-    return out, noise_s
+    heights = tophat[tuple(peaks.T)] if len(peaks) else _NO_PEAKS
+    out["spot_count"] = float((heights > _spot_threshold(noise_s, spot_floor)).sum())
+    return out, noise_s, heights
 
 
 def _disk(r: int) -> np.ndarray:
@@ -259,7 +269,12 @@ def measure_batch(
     """Measure (N, C, H, W) images -> ``{measurement: float64 array (N,)}``; ``spot_floor`` as
     in :func:`measure_image` (pass :func:`spot_noise_floor` of real images for generated ones)."""
     imgs = _as_batch(imgs, "measure_batch")
-    rows = [measure_image(im, channels, reference_size, spot_floor=spot_floor) for im in imgs]
+    return _columns(
+        [measure_image(im, channels, reference_size, spot_floor=spot_floor) for im in imgs]
+    )
+
+
+def _columns(rows: list[dict[str, float]]) -> dict[str, np.ndarray]:
     return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in MEASUREMENTS}
 
 
@@ -273,8 +288,29 @@ def spot_noise_floor(
     threshold as in typical real ones. None without a spots channel or a measurable cell."""
     real = _as_batch(real, "spot_noise_floor")
     noise = np.array([_measure(im, channels, reference_size, SPOT_SIGMA, None)[1] for im in real])
+    return _median_floor(noise)
+
+
+def _median_floor(noise: np.ndarray) -> float | None:
     noise = noise[np.isfinite(noise)]
     return float(np.median(noise)) if noise.size else None
+
+
+def measure_real(
+    real: np.ndarray,
+    channels: Mapping[str, int] | None = None,
+    reference_size: int | None = REFERENCE_SIZE,
+) -> tuple[dict[str, np.ndarray], float | None]:
+    """Measure real (N, C, H, W) images in [0, 1] with their own spot-noise floor, segmenting
+    each image once: ``(measure_batch(real, spot_floor=floor), floor)`` with ``floor =
+    spot_noise_floor(real)``, the ruler to measure generated images of the same data with."""
+    real = _as_batch(real, "measure_real")
+    parts = [_measure(im, channels, reference_size, SPOT_SIGMA, None) for im in real]
+    floor = _median_floor(np.array([p[1] for p in parts], dtype=np.float64))
+    for row, noise_s, heights in parts:
+        if np.isfinite(row["spot_count"]):
+            row["spot_count"] = float((heights > _spot_threshold(noise_s, floor)).sum())
+    return _columns([p[0] for p in parts]), floor
 
 
 def axial_components(deg: np.ndarray, period: float = 180.0) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ import torch
 from scipy.stats import pearsonr
 from skimage.metrics import structural_similarity
 
-from diffex.data.measure import CIRCULAR, MEASUREMENTS, measure_batch, spot_noise_floor
+from diffex.data.measure import CIRCULAR, MEASUREMENTS, measure_batch, measure_real
 from diffex.models.protocol import Classifier, classifier_device
 
 
@@ -56,10 +56,9 @@ def morphology_roundtrip(
     (how much of each cell's own value survives; NaN when either side is constant). An
     attribute the round trip does not keep is one no edit of the latent can be seen to change.
     Both sides count puncta with the spot-noise floor of the real images
-    (:func:`diffex.data.measure.spot_noise_floor`), since copies come out nearly noise-free.
+    (:func:`diffex.data.measure.measure_real`), since copies come out nearly noise-free.
     """
-    floor = spot_noise_floor(unit_real, channels)
-    m0 = measure_batch(unit_real, channels, spot_floor=floor)
+    m0, floor = measure_real(unit_real, channels)
     m1 = measure_batch(unit_copy, channels, spot_floor=floor)
     out: dict[str, dict[str, Any]] = {}
     for feat in MEASUREMENTS:

@@ -13,13 +13,13 @@ import torch
 from scipy.stats import spearmanr
 
 from diffex.data.loading import DataPlan, load_split
-from diffex.data.measure import CIRCULAR, MEASUREMENTS, measure_batch, spot_noise_floor
+from diffex.data.measure import CIRCULAR, MEASUREMENTS, measure_batch, measure_real
 from diffex.errors import DiffexError
 from diffex.explain.figures import (
     alpha_strip,
     channel_panels,
-    class_feature_stats,
     difference_map,
+    feature_stats,
     morphology_readout,
     morphology_table_png,
     probability_curve,
@@ -203,14 +203,14 @@ def _source_name(plan: DataPlan, target: int) -> str:
 
 def _class_stats(plan: DataPlan) -> tuple[dict[str, Any], float | None]:
     """Measurements of real held-out cells per class (validation split), measured once, and
-    the spot-noise floor of those cells (:func:`diffex.data.measure.spot_noise_floor`) that
+    the spot-noise floor of those cells (:func:`diffex.data.measure.measure_real`) that
     generated frames are measured with."""
     data = load_split(plan, "val")
-    unit = plan.normalization.to_unit(data.x)
-    floor = spot_noise_floor(unit, plan.measure_channels)
-    stats = class_feature_stats(
-        {c: unit[data.y.numpy() == i] for i, c in enumerate(plan.classes) if (data.y == i).any()},
-        plan.measure_channels,
-        spot_floor=floor,
-    )
+    measured, floor = measure_real(plan.normalization.to_unit(data.x), plan.measure_channels)
+    y = data.y.numpy()
+    stats = {
+        c: feature_stats({k: v[y == i] for k, v in measured.items()})
+        for i, c in enumerate(plan.classes)
+        if (y == i).any()
+    }
     return stats, floor

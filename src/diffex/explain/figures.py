@@ -390,17 +390,22 @@ def class_feature_stats(
     ``class_unit`` maps class name -> (M, C, H, W) images in [0, 1]. Pass the result to
     :func:`morphology_readout` to reuse it for many directions.
     """
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for name, imgs in class_unit.items():
-        m = measure_batch(_np(imgs), channels, reference_size, spot_floor)
-        out[name] = {}
-        for k, v in m.items():
-            v = v[np.isfinite(v)]
-            out[name][k] = {
-                "mean": float(v.mean()) if v.size else float("nan"),
-                "sd": float(v.std(ddof=1)) if v.size > 1 else float("nan"),
-                "n": int(v.size),
-            }
+    return {
+        name: feature_stats(measure_batch(_np(imgs), channels, reference_size, spot_floor))
+        for name, imgs in class_unit.items()
+    }
+
+
+def feature_stats(measured: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """``{feature: {mean, sd, n}}`` of measurements (``measure_batch``'s output), NaNs left out."""
+    out: dict[str, dict[str, float]] = {}
+    for k, v in measured.items():
+        v = v[np.isfinite(v)]
+        out[k] = {
+            "mean": float(v.mean()) if v.size else float("nan"),
+            "sd": float(v.std(ddof=1)) if v.size > 1 else float("nan"),
+            "n": int(v.size),
+        }
     return out
 
 
