@@ -118,6 +118,13 @@ def test_recovery_and_leakage_on_a_known_stub() -> None:
     assert gt["recovery"] == pytest.approx(0.5)
     assert gt["leakage"] == pytest.approx(0.45)
     assert gt["worst_leak"]["factor"] == "noise"
+    assert gt["leakage_forward"] is None and gt["worst_leak_forward"] is None  # not measured
+    dirs[1]["features"]["noise"]["rho_forward"] = 0.05
+    dirs[0]["features"]["cell_area"]["rho_forward"] = -0.2
+    fwd = recovery(dirs, signs, ["cell_area", "noise", "offset_x", "rotation"])
+    assert fwd["leakage"] == pytest.approx(0.45)  # the full sweep's number is unchanged
+    assert fwd["leakage_forward"] == pytest.approx(0.2)
+    assert fwd["worst_leak_forward"] == {"direction": "a", "factor": "cell_area", "rho": -0.2}
     weak = recovery([_dir("w", nucleus_area=(0.5, 1.0))], {"nucleus_area": 1}, [])
     assert weak["recovery"] == 0.0
 

@@ -11,6 +11,7 @@ from diffex.data.loading import DataPlan, Normalization
 from diffex.data.spec import load_spec
 from diffex.data.synth import render_cell, sample_factors
 from diffex.errors import DiffexError
+from diffex.explain.explain import factor_trends
 from diffex.explain.figures import (
     alpha_strip,
     channel_panels,
@@ -150,3 +151,35 @@ def test_morphology_readout_with_precomputed_stats(readout, tmp_path):
         morphology_readout(u0, u1, stats, "control", "mutant")
     out = morphology_table_png(rows, tmp_path / "m.png", "direction 3 +")
     _png(out)
+
+
+def test_factor_trends_separate_the_half_towards_the_target():
+    """Nucleus area grows over the whole sweep; the DNA stain dims only at negative alpha (an
+    extrapolation away from the target). ``rho`` sees both, ``rho_forward`` only the growth."""
+    spec = load_spec(None)
+    cells = sample_factors(spec, "control", 8, np.random.default_rng(0))
+    alphas = np.linspace(-1, 1, 5)
+    frames = np.stack(
+        [
+            np.stack(
+                [
+                    render_cell(
+                        {
+                            **c,
+                            "nucleus_area": c["nucleus_area"] * (1 + 0.4 * a),
+                            "brightness": c["brightness"] * (1 + 0.4 * min(a, 0.0)),
+                        },
+                        48,
+                        np.random.default_rng(i),
+                    )
+                    for i, c in enumerate(cells)
+                ]
+            )
+            for a in alphas
+        ]
+    )
+    trends = factor_trends(frames, alphas)
+    assert trends["nucleus_area"]["rho"] > 0.8 and trends["nucleus_area"]["rho_forward"] > 0.8
+    assert trends["brightness"]["rho"] > 0.5
+    assert abs(trends["brightness"]["rho_forward"]) < 0.3
+    assert "rotation" not in trends

@@ -35,6 +35,21 @@ def _num(x: Any) -> float:
     return v
 
 
+def _worst_leak(
+    directions: Sequence[Mapping[str, Any]], nuisance: Sequence[str], key: str
+) -> tuple[float, dict[str, Any] | None]:
+    """Largest finite |``key``| of a nuisance feature over the directions, and where it is."""
+    leak, worst = 0.0, None
+    for d in directions:
+        for f in nuisance:
+            if f in CIRCULAR:
+                continue
+            rho = _num(d["features"].get(FACTOR_MEASURES.get(f, f), {}).get(key))
+            if np.isfinite(rho) and (worst is None or abs(rho) > leak):
+                leak, worst = abs(rho), {"direction": d["name"], "factor": f, "rho": rho}
+    return leak, worst
+
+
 def recovery(
     directions: Sequence[Mapping[str, Any]],
     signs: Mapping[str, int],
@@ -53,6 +68,9 @@ def recovery(
     the expected sign, since the gap is target - source). ``recovery`` is the share of causal
     factors recovered; ``leakage`` the largest |rho| of any nuisance factor over the directions
     (circular factors such as rotation are not measured along alpha and are skipped).
+    ``leakage_forward`` is the same over the sweeps' halves towards the target (``rho_forward``
+    of each feature, when given; else None): a leak there is one the counterfactual shows, one
+    only in ``leakage`` comes from extrapolating away from the target.
     """
     factors: dict[str, Any] = {}
     for f, sign in signs.items():
@@ -71,19 +89,15 @@ def recovery(
             if ok:
                 hits.append(d["name"])
         factors[f] = {"expected_sign": sign, "recovered": bool(hits), "by": hits}
-    leak, worst = 0.0, None
-    for d in directions:
-        for f in nuisance:
-            if f in CIRCULAR:
-                continue
-            rho = _num(d["features"].get(FACTOR_MEASURES.get(f, f), {}).get("rho"))
-            if np.isfinite(rho) and abs(rho) > leak:
-                leak, worst = abs(rho), {"direction": d["name"], "factor": f, "rho": rho}
+    leak, worst = _worst_leak(directions, nuisance, "rho")
+    leak_fwd, worst_fwd = _worst_leak(directions, nuisance, "rho_forward")
     n = len(factors)
     return {
         "recovery": float(sum(v["recovered"] for v in factors.values()) / n) if n else float("nan"),
         "leakage": float(leak) if directions else float("nan"),
         "worst_leak": worst,
+        "leakage_forward": float(leak_fwd) if worst_fwd is not None else None,
+        "worst_leak_forward": worst_fwd,
         "factors": factors,
         "criteria": {"min_abs_rho": min_rho, "fraction_of_gap": list(gap_range)},
     }

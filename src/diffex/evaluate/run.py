@@ -96,6 +96,7 @@ def _explain_features(root: Path) -> dict[str, dict[str, dict[str, float]]]:
         out[item["name"]] = {
             r["feature"]: {
                 "rho": r.get("rho_alpha", float("nan")),
+                "rho_forward": r.get("rho_forward", float("nan")),
                 "fraction_of_gap": r.get("fraction_of_gap", float("nan")),
                 "fraction_ci": [r.get("fraction_ci_low"), r.get("fraction_ci_high")],
                 "pct_change": r.get("pct_change", float("nan")),
@@ -384,6 +385,7 @@ def _headline(result: dict[str, Any], root: Path) -> dict[str, Any]:
         "sufficiency_at_m": suff[-1]["flip_rate"] if suff else None,
         "recovery": gt.get("recovery"),
         "leakage": gt.get("leakage"),
+        "leakage_forward": gt.get("leakage_forward"),
         "top1_fid_classifier": r(top and top["name"], "classifier", "fid"),
         "top1_kid_classifier": r(top and top["name"], "classifier", "kid"),
         "top1_fid_imagenet": r(top and top["name"], "imagenet", "fid"),
@@ -422,6 +424,7 @@ COMPARE_METRICS: dict[str, str] = {
     "background_sd": "top-1 background change (sd)",
     "recovery": "ground truth recovery",
     "leakage": "ground truth leakage",
+    "leakage_forward": "ground truth leakage, towards the target only",
 }
 
 
@@ -432,7 +435,8 @@ def method_summary(ev: dict[str, Any], reference: bool = False) -> dict[str, Any
     out["n_directions"] = len(rows)
     gt = ev.get("ground_truth") or {}
     gt = (gt.get("reference") or {}) if reference else gt
-    out["recovery"], out["leakage"] = gt.get("recovery"), gt.get("leakage")
+    for key in ("recovery", "leakage", "leakage_forward"):
+        out[key] = gt.get(key)
     if not rows:
         return out
     top = rows[0]

@@ -44,11 +44,13 @@ def evaluation_tables(result: dict[str, Any]) -> list[Table]:
         head.add_row(
             "ground truth recovery", f"{_f(gt['recovery'], '.2f')} ({', '.join(found) or 'none'})"
         )
-        worst = gt.get("worst_leak") or {}
-        head.add_row(
-            "ground truth leakage (max nuisance |rho|)",
-            f"{_f(gt['leakage'], '.2f')}" + (f" ({worst['factor']})" if worst else ""),
-        )
+        for key, label in (("", ""), ("_forward", ", towards the target only")):
+            worst = gt.get(f"worst_leak{key}") or {}
+            where = f" ({worst['factor']})" if worst else ""
+            head.add_row(
+                f"ground truth leakage (max nuisance |rho|{label})",
+                f"{_f(gt.get(f'leakage{key}'), '.2f')}{where}",
+            )
         sens = (gt.get("classifier_sensitivity") or {}).get("factors") or {}
         causal = [f for f, v in sens.items() if v["kind"] == "causal"]
         if causal:

@@ -86,24 +86,31 @@ def factor_trends(
     channels: Mapping[str, int] | None = None,
     spot_floor: float | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Spearman rho between alpha and each measurement over all (cell, alpha) pairs
-    (``spot_floor``: see :func:`diffex.data.measure.measure_image`)."""
+    """Spearman rho between alpha and each measurement over all (cell, alpha) pairs of the
+    sweep (``rho``), and over its half towards the target, alpha >= 0 (``rho_forward``: what
+    the edit from the unedited cell to the counterfactual does, without the extrapolation
+    away from the target). ``spot_floor``: see :func:`diffex.data.measure.measure_image`."""
     a, n = unit_frames.shape[:2]
     flat = unit_frames.reshape(a * n, *unit_frames.shape[2:])
     values = measure_batch(flat, channels, spot_floor=spot_floor)
     alpha_rep = np.repeat(alphas, n)
-    out: dict[str, dict[str, float]] = {}
-    for feat in MEASUREMENTS:
-        if feat in CIRCULAR:
-            continue
-        v = values[feat]
-        ok = np.isfinite(v)
-        if ok.sum() < 3 or np.ptp(v[ok]) == 0:
-            out[feat] = {"rho": float("nan")}
-            continue
-        rho = spearmanr(alpha_rep[ok], v[ok]).statistic
-        out[feat] = {"rho": float(rho)}
-    return out
+    forward = alpha_rep >= 0
+    return {
+        feat: {
+            "rho": _spearman(alpha_rep, values[feat]),
+            "rho_forward": _spearman(alpha_rep[forward], values[feat][forward]),
+        }
+        for feat in MEASUREMENTS
+        if feat not in CIRCULAR
+    }
+
+
+def _spearman(a: np.ndarray, v: np.ndarray) -> float:
+    """Spearman rho over the finite values; NaN with fewer than 3 or when either is constant."""
+    ok = np.isfinite(v)
+    if ok.sum() < 3 or np.ptp(v[ok]) == 0 or np.ptp(a[ok]) == 0:
+        return float("nan")
+    return float(spearmanr(a[ok], v[ok]).statistic)
 
 
 def explain_run(
@@ -186,7 +193,9 @@ def explain_run(
             )
             trends = factor_trends(unit, alphas, plan.measure_channels, spot_floor)
             for row in rows:
-                row["rho_alpha"] = trends.get(row["feature"], {}).get("rho", float("nan"))
+                trend = trends.get(row["feature"], {})
+                row["rho_alpha"] = trend.get("rho", float("nan"))
+                row["rho_forward"] = trend.get("rho_forward", float("nan"))
             morphology_table_png(rows, folder / "morphology.png", title=title)
             entry["morphology"] = rows
         summary["items"].append(entry)

@@ -172,6 +172,7 @@ def _morphology_rows(entry: dict[str, Any]) -> list[dict[str, str]]:
                 ),
                 "gap": _fmt(r.get("fraction_of_gap"), 2),
                 "rho": _fmt(r.get("rho_alpha"), 2),
+                "rho_forward": _fmt(r.get("rho_forward"), 2),
             }
         )
     return rows
