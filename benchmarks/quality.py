@@ -200,15 +200,17 @@ def table(results: dict[int, dict[str, Any]], host: str, flags: str = "") -> str
                 f"{_stat([x[f].get('flip_rate') for x in sens], 2)} |"
             )
     lines += ["", "Per seed:", ""]
-    lines += ["| seed | method | top-1 delta-p | top-1 flip | recovery | leakage |"]
-    lines += ["|---|---|---|---|---|---|"]
+    lines += [
+        "| seed | method | top-1 delta-p | top-1 flip | recovery | leakage | leakage, alpha >= 0 |"
+    ]
+    lines += ["|---|---|---|---|---|---|---|"]
     for s in seeds:
         for c in cols:
             m = results[s]["methods"].get(c, {})
             lines.append(
                 f"| {s} | {c} | {_stat([m.get('top1_delta_p')], 3)} | "
                 f"{_stat([m.get('top1_flip_rate')], 2)} | {_stat([m.get('recovery')], 2)} | "
-                f"{_stat([m.get('leakage')], 2)} |"
+                f"{_stat([m.get('leakage')], 2)} | {_stat([m.get('leakage_forward')], 2)} |"
             )
     lines.append(END)
     return "\n".join(lines) + "\n"
