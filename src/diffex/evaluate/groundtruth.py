@@ -70,7 +70,8 @@ def recovery(
     (circular factors such as rotation are not measured along alpha and are skipped).
     ``leakage_forward`` is the same over the sweeps' halves towards the target (``rho_forward``
     of each feature, when given; else None): a leak there is one the counterfactual shows, one
-    only in ``leakage`` comes from extrapolating away from the target.
+    only in ``leakage`` comes from extrapolating away from the target. Half the sweep gives
+    smaller |rho| for every factor, causal ones too, so compare it with theirs.
     """
     factors: dict[str, Any] = {}
     for f, sign in signs.items():
