@@ -33,7 +33,7 @@ from diffex.rundir import RunDir
 from diffex.train.autoencoder import load_autoencoder
 from diffex.train.resume import file_digest
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: ground_truth.leakage_forward and worst_leak_forward
 
 
 @dataclass
