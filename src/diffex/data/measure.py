@@ -286,14 +286,7 @@ def spot_noise_floor(
     """The median smoothed background noise sd of the spots channel over real (N, C, H, W)
     images in [0, 1]: the ``spot_floor`` that counts puncta in generated images with the same
     threshold as in typical real ones. None without a spots channel or a measurable cell."""
-    real = _as_batch(real, "spot_noise_floor")
-    noise = np.array([_measure(im, channels, reference_size, SPOT_SIGMA, None)[1] for im in real])
-    return _median_floor(noise)
-
-
-def _median_floor(noise: np.ndarray) -> float | None:
-    noise = noise[np.isfinite(noise)]
-    return float(np.median(noise)) if noise.size else None
+    return _measure_real(_as_batch(real, "spot_noise_floor"), channels, reference_size)[1]
 
 
 def measure_real(
@@ -304,9 +297,16 @@ def measure_real(
     """Measure real (N, C, H, W) images in [0, 1] with their own spot-noise floor, segmenting
     each image once: ``(measure_batch(real, spot_floor=floor), floor)`` with ``floor =
     spot_noise_floor(real)``, the ruler to measure generated images of the same data with."""
-    real = _as_batch(real, "measure_real")
+    return _measure_real(_as_batch(real, "measure_real"), channels, reference_size)
+
+
+def _measure_real(
+    real: np.ndarray, channels: Mapping[str, int] | None, reference_size: int | None
+) -> tuple[dict[str, np.ndarray], float | None]:
     parts = [_measure(im, channels, reference_size, SPOT_SIGMA, None) for im in real]
-    floor = _median_floor(np.array([p[1] for p in parts], dtype=np.float64))
+    noise = np.array([p[1] for p in parts], dtype=np.float64)
+    noise = noise[np.isfinite(noise)]
+    floor = float(np.median(noise)) if noise.size else None
     for row, noise_s, heights in parts:
         if np.isfinite(row["spot_count"]):
             row["spot_count"] = float((heights > _spot_threshold(noise_s, floor)).sum())
