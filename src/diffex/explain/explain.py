@@ -69,12 +69,14 @@ def sweep(
 ) -> torch.Tensor:
     """Decode every cell at every alpha along ``unit_fn(zs)`` (unit vectors in standardised z).
 
-    Returns frames (A, N, C, H, W) in [-1, 1]; all alphas of all cells in batched calls.
+    Returns frames (A, N, C, H, W) in [-1, 1], on ``z``'s device; all alphas of all cells in
+    batched calls. The edits are computed on the space's device (the GPU, when there is one).
     """
     with torch.no_grad():
-        zs = space.standardise(z)
+        zs = space.standardise(z.to(space.mean.device))
         units = unit_fn(zs)
         moved = torch.cat([space.unstandardise(zs + float(a) * space.gap * units) for a in alphas])
+        moved = moved.to(z.device)
         x_rep = x_T.repeat(len(alphas), 1, 1, 1)
     frames = ae.decode(moved, x_rep, steps=steps, batch_size=batch_size)
     return frames.reshape(len(alphas), len(z), *frames.shape[1:])
