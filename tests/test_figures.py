@@ -183,3 +183,37 @@ def test_factor_trends_separate_the_half_towards_the_target():
     assert trends["brightness"]["rho"] > 0.5
     assert abs(trends["brightness"]["rho_forward"]) < 0.3
     assert "rotation" not in trends
+
+
+def test_sweep_edits_on_the_space_device_and_decodes_from_the_latents_device() -> None:
+    """The explain stage's sweep: latents come from the encoder cache (CPU) while the direction
+    space lives on the run's device (a GPU); the edits must be computed where the space is and
+    handed to the decoder on the latents' device. A 'meta' space stands in for a second device,
+    so that a mix-up fails here as it failed on CUDA."""
+    from diffex.explain.explain import sweep
+
+    seen: dict[str, list[str]] = {"space": [], "decode": []}
+
+    class Space:
+        mean = torch.zeros(4, device="meta")
+        gap = 1.0
+
+        def standardise(self, z: torch.Tensor) -> torch.Tensor:
+            seen["space"].append(z.device.type)
+            return z
+
+        def unstandardise(self, zs: torch.Tensor) -> torch.Tensor:
+            seen["space"].append(zs.device.type)
+            return torch.ones(zs.shape)  # back to real numbers, as a GPU result would be
+
+    class AE:
+        def decode(self, z, x_T, steps, batch_size):
+            seen["decode"] += [z.device.type, x_T.device.type]
+            return torch.zeros(len(z), 1, 2, 2)
+
+    z, x_T = torch.zeros(3, 4), torch.zeros(3, 1, 2, 2)
+    alphas = np.array([-1.0, 0.0, 1.0])
+    frames = sweep(AE(), Space(), z, x_T, lambda zs: zs, alphas, 5, 8)  # type: ignore[arg-type]
+    assert frames.shape == (3, 3, 1, 2, 2)
+    assert set(seen["space"]) == {"meta"} and len(seen["space"]) == 4
+    assert set(seen["decode"]) == {"cpu"}
