@@ -155,3 +155,41 @@ def test_browser_hostile_class_name_runs_nothing(browser, hostile_run: Path) -> 
     assert page.evaluate("document.querySelectorAll('script').length") == 1  # only the report's own
     assert problems == [], problems
     page.close()
+
+
+def _drop(obj: object, keys: set[str]) -> object:
+    """A copy of a JSON value without ``keys`` at any depth."""
+    if isinstance(obj, dict):
+        return {k: _drop(v, keys) for k, v in obj.items() if k not in keys}
+    if isinstance(obj, list):
+        return [_drop(v, keys) for v in obj]
+    return obj
+
+
+def test_runs_evaluated_before_schema_2_still_report_and_compare(
+    demo_run: Path, tmp_path: Path
+) -> None:
+    """A run explained and evaluated before the forward leakage existed (schema_version 1: no
+    rho_forward, leakage_forward or worst_leak_forward) still builds its report and its
+    comparison numbers, with the missing values empty rather than an error."""
+    from diffex.evaluate.run import method_summary
+
+    run = tmp_path / "old"
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("*.safetensors", "cache"))
+    new_keys = {"rho_forward", "leakage_forward", "worst_leak_forward"}
+    for path in [run / "evaluation.json", *run.glob("explanations/**/summary.json")]:
+        doc = _drop(json.loads(path.read_text(encoding="utf-8")), new_keys)
+        if path.name == "evaluation.json":
+            assert isinstance(doc, dict)
+            doc["schema_version"] = 1
+        path.write_text(json.dumps(doc), encoding="utf-8")
+    old = json.loads((run / "evaluation.json").read_text(encoding="utf-8"))
+    assert "leakage_forward" not in json.dumps(old)
+    summary = method_summary(old)
+    assert (
+        summary["leakage_forward"] is None and summary["leakage"] == old["ground_truth"]["leakage"]
+    )
+    (run / "report.html").unlink()
+    build_report(run)
+    html = (run / "report.html").read_text(encoding="utf-8")
+    assert '<section id="evaluation">' in html and '<section id="directions">' in html
