@@ -5,6 +5,7 @@ selection and early stopping, progress bar."""
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import sys
 import time
@@ -135,6 +136,10 @@ def lr_at(step: int, cfg: LoopConfig) -> float:
 def compile_submodules(module: nn.Module) -> list[nn.Module]:
     """``torch.compile`` every direct child with parameters, in place (state_dict keys keep
     their names, and methods other than ``forward``, e.g. ``training_loss``, still use them)."""
+    # A batch of another size (an epoch's last, an evaluation's) recompiles with dynamic shapes;
+    # torch's symbolic-shape reasoning then logs dozens of harmless "failed while executing
+    # pow_by_natural" warnings per stage (seen on an H200), which would bury the progress lines.
+    logging.getLogger("torch.utils._sympy.interp").setLevel(logging.ERROR)
     done = []
     for child in module.children():
         if any(True for _ in child.parameters()):
