@@ -9,7 +9,7 @@ set -u
 OUT=${OUT:-/tmp/gpu_demo_out}
 DEADLINE=${DEADLINE:-450}  # seconds for the whole script
 DEV=${DEV:-cuda}
-SEEDS=${SEEDS:-0 1 2}
+SEEDS=${SEEDS-0 1 2}  # SEEDS= runs the quick preset alone
 RUNS=${RUNS:-/tmp/gpu_demo_runs}
 T0=$(date +%s)
 mkdir -p "$OUT" "$RUNS"
@@ -20,6 +20,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PY:-python3}
+# what the archives leave out: weights, GIFs, raw images and the encoder cache
+SKIP=(--exclude='*.safetensors' --exclude='*.gif' --exclude='*.npz' --exclude='*.tif'
+  --exclude='*/data/*/*' --exclude='*/cache')
 { nvidia-smi -L 2>/dev/null; nproc; "$PY" -c "import torch; print(torch.__version__, \
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"; } | tee "$OUT/env.txt"
 
@@ -38,11 +41,8 @@ wait
 for s in $SEEDS; do
   echo "== seed $s"; tail -n 25 "$RUNS/seed$s.log"
 done
-(cd "$RUNS" && tar czf "$OUT/quick.tgz" --exclude='*.safetensors' --exclude='*.gif' \
-  --exclude='*.npz' --exclude='*.tif' quick.log quick)
+(cd "$RUNS" && tar czf "$OUT/quick.tgz" "${SKIP[@]}" quick.log quick)
 for s in $SEEDS; do  # one archive per seed (a returned file holds at most 16 MiB)
-  (cd "$RUNS" && tar czf "$OUT/seed$s.tgz" --exclude='*.safetensors' --exclude='*.gif' \
-    --exclude='*.npz' --exclude='*.tif' --exclude="seed$s/data/*/*" --exclude="seed$s/cache" \
-    "seed$s.log" "seed$s")
+  (cd "$RUNS" && tar czf "$OUT/seed$s.tgz" "${SKIP[@]}" "seed$s.log" "seed$s")
 done
 ls -la "$OUT"
