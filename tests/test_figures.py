@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 
 from diffex.data.loading import DataPlan, Normalization
 from diffex.data.spec import load_spec
@@ -185,35 +186,73 @@ def test_factor_trends_separate_the_half_towards_the_target():
     assert "rotation" not in trends
 
 
-def test_sweep_edits_on_the_space_device_and_decodes_from_the_latents_device() -> None:
-    """The explain stage's sweep: latents come from the encoder cache (CPU) while the direction
-    space lives on the run's device (a GPU); the edits must be computed where the space is and
-    handed to the decoder on the latents' device. A 'meta' space stands in for a second device,
-    so that a mix-up fails here as it failed on CUDA."""
+class _MetaStandsInForAGPU(TorchFunctionMode):
+    """A copy out of the 'meta' device (a stand-in for a GPU: it computes shapes, and fails on
+    any operation that mixes it with CPU tensors) gives zeros on the CPU, as a GPU result
+    copied back would give numbers."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to and args[0].device.type == "meta":
+            dest = args[1] if len(args) > 1 else kwargs.get("device")
+            dest = dest.device if isinstance(dest, torch.Tensor) else dest
+            if isinstance(dest, str | torch.device) and torch.device(dest).type != "meta":
+                return torch.zeros(args[0].shape, dtype=args[0].dtype, device=dest)
+        return func(*args, **kwargs)
+
+
+def test_edits_are_computed_on_the_space_device_and_returned_on_the_latents_device() -> None:
+    """Latents come from the encoder cache (CPU) while the direction space lives on the run's
+    device (a GPU): every edit must be computed where the space is and handed back on the
+    latents' device, without callers moving tensors. This failed on CUDA in the explain stage."""
     from diffex.explain.explain import sweep
+    from diffex.models.directions import (
+        DirectionModelConfig,
+        DirectionModels,
+        LatentEditor,
+        LatentSpace,
+    )
 
-    seen: dict[str, list[str]] = {"space": [], "decode": []}
-
-    class Space:
-        mean = torch.zeros(4, device="meta")
-        gap = 1.0
-
-        def standardise(self, z: torch.Tensor) -> torch.Tensor:
-            seen["space"].append(z.device.type)
-            return z
-
-        def unstandardise(self, zs: torch.Tensor) -> torch.Tensor:
-            seen["space"].append(zs.device.type)
-            return torch.ones(zs.shape)  # back to real numbers, as a GPU result would be
+    z = torch.randn(5, 4)
+    space = LatentSpace(4, 2).fit(z, torch.tensor([0, 0, 1, 1, 1]))
+    editor = LatentEditor(space, DirectionModels(DirectionModelConfig(4, k=2, hidden=8))).eval()
+    editor.to("meta")
+    seen: list[str] = []
 
     class AE:
-        def decode(self, z, x_T, steps, batch_size):
-            seen["decode"] += [z.device.type, x_T.device.type]
-            return torch.zeros(len(z), 1, 2, 2)
+        def decode(self, zz, x_T, steps, batch_size):  # type: ignore[no-untyped-def]
+            seen.extend([zz.device.type, x_T.device.type])
+            return torch.zeros(len(zz), 1, 2, 2)
 
-    z, x_T = torch.zeros(3, 4), torch.zeros(3, 1, 2, 2)
-    alphas = np.array([-1.0, 0.0, 1.0])
-    frames = sweep(AE(), Space(), z, x_T, lambda zs: zs, alphas, 5, 8)  # type: ignore[arg-type]
-    assert frames.shape == (3, 3, 1, 2, 2)
-    assert set(seen["space"]) == {"meta"} and len(seen["space"]) == 4
-    assert set(seen["decode"]) == {"cpu"}
+    x_T = torch.zeros(5, 1, 2, 2)
+    with torch.no_grad(), _MetaStandsInForAGPU():
+        unit = space.towards(1)
+        assert unit.device.type == "meta"
+        outs = [
+            editor.edit(z, 1, -1, 2.0),
+            editor.edit_along(z, unit, 1.5),
+            editor.edit_along(z, unit, torch.linspace(0, 1, 5)),
+            space.shift(z, lambda zs: editor.directions.unit(zs, 0), 1.0),
+        ]
+        assert all(o.device.type == "cpu" and o.shape == (5, 4) for o in outs)
+        assert editor.units(z).device.type == "cpu" and editor.units(z).shape == (2, 5, 4)
+        units = lambda zs: editor.directions.unit(zs, 0)  # noqa: E731
+        frames = sweep(AE(), space, z, x_T, units, np.array([-1.0, 0.0, 1.0]), 5, 8)  # type: ignore[arg-type]
+    assert frames.shape == (3, 5, 1, 2, 2)
+    assert set(seen) == {"cpu"}
+
+
+def test_shift_moves_alpha_class_gaps_along_the_unit_vector() -> None:
+    """LatentSpace.shift in numbers: standardised z moves by alpha * gap along the unit."""
+    from diffex.models.directions import LatentSpace
+
+    z = torch.randn(6, 3) * torch.tensor([1.0, 2.0, 3.0]) + 1.0
+    space = LatentSpace(3, 2).fit(z, torch.tensor([0, 0, 0, 1, 1, 1]))
+    unit = torch.tensor([0.0, 1.0, 0.0])
+    moved = space.shift(z, unit, torch.tensor([0.0, 1, 2, 3, 4, 5]))
+    step = space.standardise(moved) - space.standardise(z)
+    want = torch.arange(6.0)[:, None] * float(space.gap) * unit
+    assert torch.allclose(step, want, atol=1e-5)
+    assert torch.allclose(
+        space.shift(z, lambda zs: -unit.expand_as(zs), 0.5), space.shift(z, unit, -0.5)
+    )

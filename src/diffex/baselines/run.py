@@ -128,11 +128,10 @@ def gcd_run(run: str | Path, cfg: GCDRunConfig, device: torch.device) -> dict[st
     x, xkeys = source_images(plan, target, cfg.n_images, cfg.seed)
     info(f"gcd: applying {len(candidates)} directions to {len(x)} held-out images")
     z, x_T = encode_cached(ae, run, x, xkeys, steps, bs)
-    zs = space.standardise(z.to(device))
     p0 = probs(ae.decode(z, x_T, steps=steps, batch_size=bs)).numpy()
     for c, v in zip(candidates, vectors, strict=True):
-        moved = space.unstandardise(zs + c["step"] * gap * v.to(zs))
-        pe = probs(ae.decode(moved.to(z.device), x_T, steps=steps, batch_size=bs)).numpy()
+        moved = space.shift(z, v, c["step"])
+        pe = probs(ae.decode(moved, x_T, steps=steps, batch_size=bs)).numpy()
         c.update(effect(p0, pe, target))
     order = sorted(
         range(len(candidates)),

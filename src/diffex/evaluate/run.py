@@ -223,11 +223,10 @@ def evaluate_run(
     info(f"evaluate: encoding {len(x)} source images")
     keys = [held.paths[i] for i in sidx]
     z, x_T = encode_cached(ae, run, x, keys, cfg.ddim_steps, cfg.batch_size)
-    zd = z.to(space.mean.device)
     probs = prober(ae)
 
     def decode(zz: torch.Tensor) -> torch.Tensor:
-        return ae.decode(zz.to(z.device), x_T, steps=cfg.ddim_steps, batch_size=cfg.batch_size)
+        return ae.decode(zz, x_T, steps=cfg.ddim_steps, batch_size=cfg.batch_size)
 
     recon = decode(z)
     p_recon = probs(recon).numpy()
@@ -240,7 +239,7 @@ def evaluate_run(
     cout_plot: dict[str, dict[str, np.ndarray]] = {}
     moved: dict[str, torch.Tensor] = {}
     for item in track(items, "evaluate: edits", total=len(items)):
-        moved[item.name] = item.move(space, zd)
+        moved[item.name] = item.move(space, z)
         xe = decode(moved[item.name])
         edited[item.name] = xe
         pe = probs(xe).numpy()
@@ -268,7 +267,7 @@ def evaluate_run(
 
     # sufficiency: the top-1 .. top-M directions applied one after the other
     suff = []
-    zc = zd
+    zc = z
     for i, item in enumerate(dset.items):
         zc = moved[item.name] if i == 0 else item.move(space, zc)
         xe = edited[item.name] if i == 0 else decode(zc)
@@ -288,7 +287,7 @@ def evaluate_run(
     # disentanglement: mean shift vectors in standardised z, and measurements along alpha
     names = [m.name for m in items]
     with torch.no_grad():
-        zs = space.standardise(zd)
+        zs = space.standardise(z)
         shifts = torch.stack([(space.standardise(moved[m.name]) - zs).mean(0) for m in items])
     cosm = abs_cosine_matrix(shifts.cpu())
     feats = _explain_features(dset.folder)

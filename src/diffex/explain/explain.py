@@ -73,10 +73,8 @@ def sweep(
     batched calls. The edits are computed on the space's device (the GPU, when there is one).
     """
     with torch.no_grad():
-        zs = space.standardise(z.to(space.mean.device))
-        units = unit_fn(zs)
-        moved = torch.cat([space.unstandardise(zs + float(a) * space.gap * units) for a in alphas])
-        moved = moved.to(z.device)
+        units = unit_fn(space.standardise(z))
+        moved = torch.cat([space.shift(z, units, float(a)) for a in alphas])
         x_rep = x_T.repeat(len(alphas), 1, 1, 1)
     frames = ae.decode(moved, x_rep, steps=steps, batch_size=batch_size)
     return frames.reshape(len(alphas), len(z), *frames.shape[1:])

@@ -40,8 +40,7 @@ class Item:
         """Raw z moved by ``alpha`` (default: the item's own) class gaps along the direction."""
         a = self.alpha if alpha is None else alpha
         with torch.no_grad():
-            zs = space.standardise(z)
-            return space.unstandardise(zs + a * space.gap * self.units(zs))
+            return space.shift(z, self.units, a)
 
 
 @dataclass

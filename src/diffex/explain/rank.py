@@ -154,7 +154,7 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
 
     def edit_fn(zz: torch.Tensor, k: int, sign: int, a: float) -> torch.Tensor:
         with torch.no_grad():
-            return editor.edit(zz.to(device), k, sign, a)
+            return editor.edit(zz, k, sign, a)
 
     n_edits = editor.k * 2 * len(x)
     info(f"rank: decoding {n_edits} edits (K = {editor.k}, 2 signs, alpha = {alpha})")
@@ -229,10 +229,8 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
 
 def mean_shifts(editor: LatentEditor, z: torch.Tensor) -> np.ndarray:
     """(K, D) mean unit shift of each direction (sign +) over latents ``z``, standardised."""
-    space = editor.space
     with torch.no_grad():
-        units = editor.directions.units(space.standardise(z.to(space.mean.device)))
-    return units.mean(1).float().cpu().numpy()
+        return editor.units(z).mean(1).float().cpu().numpy()
 
 
 def class_mean_reference(
@@ -248,11 +246,9 @@ def class_mean_reference(
 ) -> dict[str, Any]:
     """The supervised baseline: move every source latent by alpha class gaps from the mean of the
     other classes towards the target class mean (standardised z)."""
-    space = editor.space
-    unit = space.towards(target)
+    unit = editor.space.towards(target)
     with torch.no_grad():
-        moved = editor.edit_along(z.to(space.mean.device), unit, alpha)
-        p = probs(decode(moved.to(z.device), x_T))
+        p = probs(decode(editor.edit_along(z, unit, alpha), x_T))
     delta = p[:, target].numpy() - p_recon
     flips = (p.argmax(1).numpy() == target) & (pred_recon != target)
     return {
@@ -316,21 +312,20 @@ def calibrate_alphas(
     info(f"rank: calibrating alpha on {len(x)} validation cells ({criterion}: {goal:.2f})")
     steps = cfg.calibration_ddim_steps
     z, x_T = encode_cached(ae, run, x, keys, steps, cfg.batch_size)
-    zd = z.to(editor.space.mean.device)
     p0 = probs(ae.decode(z, x_T, steps=steps, batch_size=cfg.batch_size)).numpy()
 
     def flips(moved: torch.Tensor) -> float:
-        p = probs(ae.decode(moved.to(z.device), x_T, steps=steps, batch_size=cfg.batch_size))
+        p = probs(ae.decode(moved, x_T, steps=steps, batch_size=cfg.batch_size))
         if cfg.flip_target is None:
             return float((p.argmax(1) == target).float().mean())
         return float(effect(p0, p.numpy(), target)["flip_rate"])
 
     towards = editor.space.towards(target)
     jobs: list[tuple[dict[str, Any], Any]] = [
-        (d, lambda a, k=int(d["direction"]), s=int(d["sign"]): flips(editor.edit(zd, k, s, a)))
+        (d, lambda a, k=int(d["direction"]), s=int(d["sign"]): flips(editor.edit(z, k, s, a)))
         for d in ranked
     ]
-    jobs.append((reference, lambda a: flips(editor.edit_along(zd, towards, a))))
+    jobs.append((reference, lambda a: flips(editor.edit_along(z, towards, a))))
     for entry, flip_at in jobs:
         with torch.no_grad():
             res = smallest_alpha(flip_at, alpha, goal, cfg.calibration_steps)

@@ -8,6 +8,7 @@ the average difference between conditions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -76,11 +77,33 @@ class LatentSpace(nn.Module):
         self.gap.fill_(float(d[iu[0], iu[1]].mean().clamp_min(1e-6)))
         return self
 
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
     def standardise(self, z: Tensor) -> Tensor:
-        return (z - self.mean) / self.std
+        """Standardised z, on the space's device (``z`` may be anywhere)."""
+        return (z.to(self.mean.device) - self.mean) / self.std
 
     def unstandardise(self, zs: Tensor) -> Tensor:
-        return zs * self.std + self.mean
+        """Raw z, on the space's device (``zs`` may be anywhere)."""
+        return zs.to(self.mean.device) * self.std + self.mean
+
+    def shift(
+        self, z: Tensor, units: Tensor | Callable[[Tensor], Tensor], alpha: float | Tensor
+    ) -> Tensor:
+        """Raw z_sem moved by ``alpha`` class gaps along unit vectors of standardised z.
+
+        ``units``: a (D,) or (N, D) tensor, or a map from standardised z (N, D) to unit vectors;
+        ``alpha``: a number or one per latent (N,). The edit is computed on the space's device
+        (the GPU, when there is one) and returned on ``z``'s (the decoder's input, which may be
+        the encoder cache's CPU tensors): callers never move latents themselves.
+        """
+        zs = self.standardise(z)
+        u = units(zs) if callable(units) else units.to(zs)
+        a = alpha if isinstance(alpha, Tensor) else torch.tensor(float(alpha))
+        a = a.to(zs).reshape(-1, 1) if a.ndim else a.to(zs)
+        return self.unstandardise(zs + a * self.gap * u).to(z.device)
 
     def towards(self, target: int) -> Tensor:
         """Unit vector from the mean of the other classes' means to the target class mean."""
@@ -159,15 +182,16 @@ class LatentEditor(nn.Module):
     def k(self) -> int:
         return self.directions.k
 
+    def units(self, z: Tensor) -> Tensor:
+        """(K, N, D) unit shifts (sign +, standardised) of every direction at raw latents ``z``,
+        on ``z``'s device."""
+        return self.directions.units(self.space.standardise(z)).to(z.device)
+
     def edit(self, z: Tensor, k: int, sign: int, alpha: float) -> Tensor:
-        """Raw z_sem moved along direction k by ``sign * alpha`` class gaps."""
-        zs = self.space.standardise(z)
-        step = sign * alpha * self.space.gap * self.directions.unit(zs, k)
-        return self.space.unstandardise(zs + step)
+        """Raw z_sem moved along direction k by ``sign * alpha`` class gaps (see
+        :meth:`LatentSpace.shift`: computed on the editor's device, returned on ``z``'s)."""
+        return self.space.shift(z, lambda zs: sign * self.directions.unit(zs, k), alpha)
 
     def edit_along(self, z: Tensor, unit: Tensor, alpha: float | Tensor) -> Tensor:
         """Raw z_sem moved along a fixed unit vector (standardised space) by alpha class gaps."""
-        zs = self.space.standardise(z)
-        a = alpha if isinstance(alpha, Tensor) else torch.tensor(float(alpha))
-        a = a.to(zs).reshape(-1, 1) if a.ndim else a.to(zs)
-        return self.space.unstandardise(zs + a * self.space.gap * unit.to(zs))
+        return self.space.shift(z, unit, alpha)
