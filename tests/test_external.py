@@ -307,6 +307,15 @@ def test_demo_explains_a_users_classifier_end_to_end(
 
     ae = load_autoencoder(run)
     assert ae.classifier.spec.source == str(user["script"])
-    # a different classifier invalidates every later stage instead of reusing them
-    assert main([*argv, "--classifier-entry", f"{user['code']}:make"]) == 0
-    assert "autoencoder" in capsys.readouterr().out.split("time:")[-1]
+    # a different classifier invalidates every later stage instead of reusing them (--until
+    # stops after the autoencoder; the stale later stages then block the report)
+    report_time = (run / "report.html").stat().st_mtime_ns
+    assert (
+        main([*argv, "--classifier-entry", f"{user['code']}:make", "--until", "autoencoder"]) == 0
+    )
+    captured = capsys.readouterr()
+    assert "autoencoder" in captured.out.split("time:")[-1]
+    err = " ".join(captured.err.split())  # the console wraps long lines
+    assert "directions, rank, explain, evaluate" in err and "no report" in err
+    assert (run / "report.html").stat().st_mtime_ns == report_time
+    assert read_json(run / "classifier" / "config.json")["kind"] == "entry"

@@ -1123,10 +1123,23 @@ def report(run: Path, out: Path | None) -> None:
     default=None,
     help="Class to explain (with --data and more than two classes) [default: the second].",
 )
+@click.option(
+    "--until",
+    type=click.Choice(["classifier", "autoencoder", "directions", "rank", "explain", "evaluate"]),
+    default="evaluate",
+    show_default=True,
+    help="Last stage to run (the report covers what exists).",
+)
 @_external_options
 @pass_options
 def demo(
-    opts: Options, out: Path | None, preset: str, data: Path | None, target: str | None, **kw: Any
+    opts: Options,
+    out: Path | None,
+    preset: str,
+    data: Path | None,
+    target: str | None,
+    until: str,
+    **kw: Any,
 ) -> None:
     """Run the whole pipeline and print where the results are.
 
@@ -1134,7 +1147,7 @@ def demo(
     into OUT. With --data, your images replace the synthetic cells (no ground truth then), and
     --classifier-script/--classifier-entry explain your classifier instead of training one.
     Rerunning skips stages whose outputs exist for the same configuration, and a stage that was
-    interrupted resumes from its last checkpoint.
+    interrupted resumes from its last checkpoint; --until stops early.
     """
     from dataclasses import replace
 
@@ -1149,6 +1162,7 @@ def demo(
     cfg = demo_preset(preset, opts.seed)
     if data is not None:
         cfg = replace(cfg, data=str(data), external=spec, rank=replace(cfg.rank, target=target))
+    cfg = replace(cfg, stages=cfg.stages[: cfg.stages.index(until) + 1])
     device = opts.setup()
     summary = run_demo(out, cfg, device, seed=opts.seed)
     _print_demo(summary)

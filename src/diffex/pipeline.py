@@ -18,7 +18,7 @@ from diffex.evaluate.run import EvaluateConfig, evaluate_run
 from diffex.explain.explain import ExplainConfig, explain_run
 from diffex.explain.rank import RankConfig, rank_directions
 from diffex.io.atomic import read_json, write_json
-from diffex.log import info
+from diffex.log import info, warn
 from diffex.models.external import ExternalSpec
 from diffex.report.html import build_report
 from diffex.train.attach import AttachConfig, attach_classifier
@@ -172,9 +172,14 @@ def run_demo(out: Path, cfg: DemoConfig, device: torch.device, seed: int = 0) ->
         "explain": (cfg.explain, lambda: explain_run(out, cfg.explain, device)),
         "evaluate": (cfg.evaluate, lambda: evaluate_run(out, cfg.evaluate, device)),
     }
-    for stage in cfg.stages:
+    stale: list[str] = []  # stages after the last one run, left from another configuration
+    for stage in steps:
         stage_cfg, fn = steps[stage]
         upstream = {**upstream, stage: _settings(stage_cfg)}
+        if stage not in cfg.stages:
+            if _stage_marker(out, stage).is_file() and not _done(out, stage, upstream):
+                stale.append(stage)
+            continue
         if _done(out, stage, upstream):
             info(f"demo: {stage} already done for this configuration, skipping")
             results[stage] = read_json(_stage_marker(out, stage)).get("result", {})
@@ -190,7 +195,13 @@ def run_demo(out: Path, cfg: DemoConfig, device: torch.device, seed: int = 0) ->
         )
     summary = {"out": str(out.resolve()), "timings": timings, **results}
     write_json(out / "demo_summary.json", summary)
-    summary["report"] = str(build_report(out).resolve())
+    if stale:
+        warn(
+            f"demo: {', '.join(stale)} in {out} come from another configuration; no report "
+            f"until they are rerun (run the demo without --until)"
+        )
+    else:
+        summary["report"] = str(build_report(out).resolve())
     return summary
 
 
