@@ -193,3 +193,21 @@ def test_runs_evaluated_before_schema_2_still_report_and_compare(
     build_report(run)
     html = (run / "report.html").read_text(encoding="utf-8")
     assert '<section id="evaluation">' in html and '<section id="directions">' in html
+
+
+def test_largest_changes_are_the_largest_shown_changes() -> None:
+    """The table's "largest changes" are ordered by the shown change itself (alpha 0 to the
+    shown alpha, in natural sds), not by how consistently a feature moves over the whole sweep:
+    a tiny change with a high rho over the far side of the sweep must not be listed first."""
+    from diffex.report.html import _top_changes
+
+    morphology = [
+        {"feature": "brightness", "pct_change": 0.7, "change_sd": 0.07, "rho_alpha": 0.39},
+        {"feature": "nucleus_area", "pct_change": 29.0, "change_sd": 1.77, "rho_alpha": 0.81},
+        {"feature": "actin_intensity", "pct_change": -31.0, "change_sd": -1.57, "rho_alpha": -0.1},
+        {"feature": "cell_area", "pct_change": -6.0, "change_sd": -0.47, "rho_alpha": -0.17},
+        {"feature": "offset_x", "pct_change": float("nan"), "change_sd": -2.0, "rho_alpha": 0.9},
+    ]
+    assert _top_changes({"morphology": morphology}) == (
+        "nucleus_area +29 %, actin_intensity -31 %, cell_area -6 %"
+    )

@@ -179,12 +179,14 @@ def _morphology_rows(entry: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def _top_changes(entry: dict[str, Any], n: int = 3) -> str:
+    """The ``n`` measurements that change most from alpha 0 to the shown alpha, in units of
+    each one's natural sd (``change_sd``): the same change as the % shown beside it."""
     rows = [
         r
         for r in entry.get("morphology", [])
-        if _finite(r.get("pct_change")) and _finite(r.get("rho_alpha"))
+        if _finite(r.get("pct_change")) and _finite(r.get("change_sd"))
     ]
-    rows.sort(key=lambda r: -abs(r["rho_alpha"]))
+    rows.sort(key=lambda r: -abs(r["change_sd"]))
     return ", ".join(f"{r['feature']} {r['pct_change']:+.0f} %" for r in rows[:n])
 
 
