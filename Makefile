@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.diffex-installed
 PYTHON ?= python3
+# Test processes (pytest-xdist): each uses one thread; 2 fits the 2-core CI machine.
+TEST_WORKERS ?= 2
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test lint install browser clean
@@ -32,7 +34,7 @@ browser:
 	  echo "warning: chromium is missing (apt-get install chromium); browser tests will skip"
 
 test: $(STAMP) lint browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf runs/demo .pytest_cache

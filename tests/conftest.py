@@ -11,7 +11,12 @@ import torch
 from PIL import Image
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-torch.set_num_threads(2)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N: the workers share the cores, one thread each (subprocesses inherit it)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 
 #: train-classifier options for a quick, tiny classifier (a test's plumbing, not its accuracy).
@@ -51,6 +56,21 @@ def make_blob_folder(
     return root
 
 
+#: The longest test files, queued first under ``pytest -n`` (with ``--no-loadscope-reorder``)
+#: so that no worker is left with a long tail; test_demo builds the shared quick demo.
+HEAVY = ("test_resume", "test_demo", "test_external", "test_real_data", "test_gcd")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Queue the heaviest files first (file order is kept otherwise)."""
+
+    def rank(item: pytest.Item) -> int:
+        stem = item.path.stem
+        return HEAVY.index(stem) if stem in HEAVY else len(HEAVY)
+
+    items.sort(key=rank)
+
+
 @pytest.fixture
 def blob_folder(tmp_path: Path) -> Path:
     return make_blob_folder(tmp_path / "blobs")
@@ -58,9 +78,22 @@ def blob_folder(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The quick demo, run once per test session (shared by the demo and report tests)."""
+    """The quick demo, run once per test session (shared by the demo, evaluation and report
+    tests). Under ``pytest -n`` the first worker to ask builds it and the others wait for it:
+    tests must copy it before changing it."""
+    from filelock import FileLock
+
     from diffex.cli import main
 
-    out = tmp_path_factory.mktemp("demo") / "run"
-    assert main(["--device", "cpu", "demo", "--preset", "quick", "--out", str(out)]) == 0
+    argv = ["--device", "cpu", "demo", "--preset", "quick", "--out"]
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        out = tmp_path_factory.mktemp("demo") / "run"
+        assert main([*argv, str(out)]) == 0
+        return out
+    shared = tmp_path_factory.getbasetemp().parent  # the same folder for every worker
+    out, done = shared / "demo" / "run", shared / "demo.done"
+    with FileLock(str(shared / "demo.lock")):
+        if not done.is_file():
+            assert main([*argv, str(out)]) == 0
+            done.write_text("ok")
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -71,19 +72,22 @@ def test_quick_demo_writes_every_stage(demo_run: Path) -> None:
             assert path.is_file() and path.stat().st_size > 0, path
 
 
-def test_rerun_skips_finished_stages(demo_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    before = (demo_run / "autoencoder" / "model.safetensors").stat().st_mtime_ns
-    assert main(["--device", "cpu", "demo", "--preset", "quick", "--out", str(demo_run)]) == 0
+def test_rerun_skips_finished_stages(
+    demo_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"  # a copy: other test processes read the shared demo meanwhile
+    shutil.copytree(demo_run, run)
+    before = (run / "autoencoder" / "model.safetensors").stat().st_mtime_ns
+    assert main(["--device", "cpu", "demo", "--preset", "quick", "--out", str(run)]) == 0
     err = capsys.readouterr().err
     assert "reusing synthetic data" in err
     for stage in ("classifier", "autoencoder", "directions", "rank", "explain"):
         assert f"{stage} already done" in err
-    assert (demo_run / "autoencoder" / "model.safetensors").stat().st_mtime_ns == before
+    assert (run / "autoencoder" / "model.safetensors").stat().st_mtime_ns == before
 
 
 def test_ranking_is_deterministic(demo_run: Path, tmp_path: Path) -> None:
     """Same seed, same device: ranking.json comes out byte for byte the same."""
-    import shutil
 
     run = tmp_path / "again"
     run.mkdir()
