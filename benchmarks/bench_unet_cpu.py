@@ -1,7 +1,9 @@
 """Micro-benchmark: parameters and forward+backward time of the ``cpu64`` UNet (and the full
-autoencoder step) on this CPU at batch 32.
+autoencoder step) on this CPU at batch 32; with ``--classifier``, also one training step of the
+demo's classifier (``small`` preset, batch 64, 48 px).
 
-Run: ``OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_unet_cpu.py [--preset cpu64] [--batch 32]``
+Run: ``OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_unet_cpu.py [--preset cpu64] [--batch 32]
+[--no-channels-last] [--classifier]``
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import time
 
 import torch
 
+from diffex.models.classifier import ClassifierConfig, ResNetClassifier
 from diffex.models.encoder import ENCODER_PRESETS, SemanticEncoder
 from diffex.models.unet import UNET_PRESETS, UNet, count_parameters
 
@@ -48,6 +51,25 @@ def time_step(
     return results[0], results[1]
 
 
+def time_classifier(repeats: int, channels_last: bool, batch: int = 64, size: int = 48) -> float:
+    """Median ms of one AdamW training step of the demo's classifier on random data."""
+    clf = ResNetClassifier(ClassifierConfig.from_preset("small", 3, size, ["a", "b"])).train()
+    x = torch.randn(batch, 3, size, size)
+    if channels_last:
+        clf.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(clf.parameters())
+    times = []
+    for i in range(repeats + 2):  # two warm-up steps
+        start = time.perf_counter()
+        opt.zero_grad()
+        clf.logits(x).square().mean().backward()
+        opt.step()
+        if i >= 2:
+            times.append((time.perf_counter() - start) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="cpu64", choices=list(UNET_PRESETS))
@@ -55,6 +77,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-channels-last", action="store_true", help="keep NCHW layout")
+    parser.add_argument("--classifier", action="store_true", help="also time the classifier")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -71,6 +94,9 @@ def main() -> None:
         f"batch {args.batch}, {args.threads} threads, {layout}: UNet fwd+bwd {unet_ms:.0f} ms, "
         f"encoder+UNet fwd+bwd {full_ms:.0f} ms"
     )
+    if args.classifier:
+        ms = time_classifier(args.repeats, channels_last)
+        print(f"classifier (small, batch 64, 48 px) training step, {layout}: {ms:.0f} ms")
 
 
 if __name__ == "__main__":
