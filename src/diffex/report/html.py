@@ -20,7 +20,6 @@ import jinja2
 from diffex import __version__
 from diffex.errors import DiffexError
 from diffex.io.atomic import read_json, write_atomic
-from diffex.log import info
 
 TEMPLATE = "report.html.j2"
 MIME = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
@@ -418,5 +417,4 @@ def build_report(run: str | Path, out: str | Path | None = None) -> Path:
     html = env.get_template(TEMPLATE).render(**context)
     path = Path(out) if out is not None else root / "report.html"
     write_atomic(path, lambda tmp: tmp.write_text(html, encoding="utf-8"))
-    info(f"report: {path}")
-    return path
+    return path  # the CLI prints it (once)
