@@ -77,10 +77,6 @@ class LatentSpace(nn.Module):
         self.gap.fill_(float(d[iu[0], iu[1]].mean().clamp_min(1e-6)))
         return self
 
-    @property
-    def device(self) -> torch.device:
-        return self.mean.device
-
     def standardise(self, z: Tensor) -> Tensor:
         """Standardised z, on the space's device (``z`` may be anywhere)."""
         return (z.to(self.mean.device) - self.mean) / self.std
