@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -38,17 +39,20 @@ def time_step(
     def full() -> None:
         unet(x, t, proj(encoder(x))).square().mean().backward()
 
-    results = []
-    for fn in (unet_only, full):
-        fn()  # warm-up (allocations, oneDNN kernel selection)
+    return median_ms(unet_only, repeats), median_ms(full, repeats)
+
+
+def median_ms(fn: Callable[[], None], repeats: int) -> float:
+    """Median ms of ``fn`` over ``repeats`` calls after two warm-up calls (allocations, oneDNN
+    kernel selection)."""
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
         fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1000)
-        results.append(sorted(times)[len(times) // 2])
-    return results[0], results[1]
+        times.append((time.perf_counter() - start) * 1000)
+    return sorted(times)[len(times) // 2]
 
 
 def time_classifier(repeats: int, channels_last: bool, batch: int = 64, size: int = 48) -> float:
@@ -59,15 +63,13 @@ def time_classifier(repeats: int, channels_last: bool, batch: int = 64, size: in
         clf.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(clf.parameters())
-    times = []
-    for i in range(repeats + 2):  # two warm-up steps
-        start = time.perf_counter()
+
+    def step() -> None:
         opt.zero_grad()
         clf.logits(x).square().mean().backward()
         opt.step()
-        if i >= 2:
-            times.append((time.perf_counter() - start) * 1000)
-    return sorted(times)[len(times) // 2]
+
+    return median_ms(step, repeats)
 
 
 def main() -> None:

@@ -85,15 +85,11 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     from diffex.cli import main
 
-    argv = ["--device", "cpu", "demo", "--preset", "quick", "--out"]
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        out = tmp_path_factory.mktemp("demo") / "run"
-        assert main([*argv, str(out)]) == 0
-        return out
-    shared = tmp_path_factory.getbasetemp().parent  # the same folder for every worker
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # one per session
     out, done = shared / "demo" / "run", shared / "demo.done"
     with FileLock(str(shared / "demo.lock")):
         if not done.is_file():
-            assert main([*argv, str(out)]) == 0
+            assert main(["--device", "cpu", "demo", "--preset", "quick", "--out", str(out)]) == 0
             done.write_text("ok")
     return out

@@ -11,6 +11,7 @@ import click
 
 from diffex import __version__
 from diffex.errors import DiffexError
+from diffex.stages import STAGES
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -1125,7 +1126,7 @@ def report(run: Path, out: Path | None) -> None:
 )
 @click.option(
     "--until",
-    type=click.Choice(["classifier", "autoencoder", "directions", "rank", "explain", "evaluate"]),
+    type=click.Choice(list(STAGES)),
     default="evaluate",
     show_default=True,
     help="Last stage to run (the report covers what exists).",

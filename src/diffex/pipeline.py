@@ -21,6 +21,7 @@ from diffex.io.atomic import read_json, write_json
 from diffex.log import info, warn
 from diffex.models.external import ExternalSpec
 from diffex.report.html import build_report
+from diffex.stages import STAGES
 from diffex.train.attach import AttachConfig, attach_classifier
 from diffex.train.autoencoder import AutoencoderTrainConfig, train_autoencoder
 from diffex.train.classifier import ClassifierTrainConfig, train_classifier
@@ -42,16 +43,7 @@ class DemoConfig:
     evaluate: EvaluateConfig
     data: str | None = None
     external: ExternalSpec | None = None
-    stages: list[str] = field(
-        default_factory=lambda: [
-            "classifier",
-            "autoencoder",
-            "directions",
-            "rank",
-            "explain",
-            "evaluate",
-        ]
-    )
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
 
 
 def demo_preset(name: str, seed: int = 0) -> DemoConfig:
