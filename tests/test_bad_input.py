@@ -100,6 +100,10 @@ def test_bad_option_value(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     code = main(["--device", "tpu", "synth", "--out", str(tmp_path / "x")])
     assert code == 2
     assert "tpu" in capsys.readouterr().err
+    code = main(["demo", "--until", "bogus", "--out", str(tmp_path / "y")])
+    assert code == 2
+    assert "'bogus' is not one of 'classifier'" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()  # nothing started
 
 
 def test_non_image_files_are_skipped_with_warning(
