@@ -165,7 +165,7 @@ def run_demo(out: Path, cfg: DemoConfig, device: torch.device, seed: int = 0) ->
         "evaluate": (cfg.evaluate, lambda: evaluate_run(out, cfg.evaluate, device)),
     }
     stale: list[str] = []  # stages after the last one run, left from another configuration
-    for stage in steps:
+    for stage in STAGES:  # the one order; ``steps`` only maps each stage to its work
         stage_cfg, fn = steps[stage]
         upstream = {**upstream, stage: _settings(stage_cfg)}
         if stage not in cfg.stages:

@@ -72,7 +72,6 @@ def gcd_run(run: str | Path, cfg: GCDRunConfig, device: torch.device) -> dict[st
     ae = load_autoencoder(run, device)
     info("gcd: fitting the latent space on training latents")
     space = fit_space(ae, plan).to(device)
-    gap = space.gap
     probs = prober(ae)
     clf = ae.classifier
     steps, bs = cfg.ddim_steps, cfg.batch_size
@@ -88,35 +87,31 @@ def gcd_run(run: str | Path, cfg: GCDRunConfig, device: torch.device) -> dict[st
     for j in track(range(len(xs)), "gcd: source images", total=len(xs)):
         z, x_T = encode_cached(ae, run, xs[j : j + 1], keys[j : j + 1], steps, bs)
         z = z.to(device)
-        s0 = space.standardise(z)
         with torch.no_grad():
             f0 = clf.features(decode(z, x_T).to(device)).float()
         norm = f0.norm().clamp_min(1e-8)
 
         def oracle(
             d: torch.Tensor,
-            s0: torch.Tensor = s0,
+            z: torch.Tensor = z,
             x_T: torch.Tensor = x_T,
             f0: torch.Tensor = f0,
             norm: torch.Tensor = norm,
         ) -> Any:
-            zz = space.unstandardise(s0 + d.to(s0) * gap)
-            x = decode(zz, x_T)
+            x = decode(space.shift(z, d, 1.0), x_T)
             with torch.no_grad():
                 p = probs(x)[:, target]
                 f = clf.features(x.to(device)).float()
             return _log_odds(p), ((f - f0).norm(dim=1) / norm).cpu()
 
         scfg = GCDConfig(**{**asdict(cfg.search), "seed": cfg.search.seed + cfg.seed + j})
-        res = search(oracle, s0.shape[1], scfg)
+        res = search(oracle, z.shape[1], scfg)
         fits.append({"source_image": j, "rounds": res["fits"]})
         for kind, v in res["directions"]:
-            v = v.to(s0)
+            v = v.to(z)
 
-            def along(
-                t: float, v: torch.Tensor = v, s0: torch.Tensor = s0, x_T: Any = x_T
-            ) -> float:
-                return float(probs(decode(space.unstandardise(s0 + t * gap * v), x_T))[0, target])
+            def along(t: float, v: torch.Tensor = v, z: torch.Tensor = z, x_T: Any = x_T) -> float:
+                return float(probs(decode(space.shift(z, v, t), x_T))[0, target])
 
             ls = line_search(along, scfg.max_step, scfg.bisections)
             candidates.append({"name": f"img{j}_{kind}", "kind": kind, "source_image": j, **ls})

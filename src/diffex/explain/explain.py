@@ -73,9 +73,11 @@ def sweep(
     batched calls. The edits are computed on the space's device (the GPU, when there is one).
     """
     with torch.no_grad():
-        units = unit_fn(space.standardise(z))
-        moved = torch.cat([space.shift(z, units, float(a)) for a in alphas])
-        x_rep = x_T.repeat(len(alphas), 1, 1, 1)
+        reps = len(alphas)
+        units = unit_fn(space.standardise(z)).repeat(reps, 1)
+        per_latent = torch.as_tensor(np.repeat(np.asarray(alphas, dtype=np.float32), len(z)))
+        moved = space.shift(z.repeat(reps, 1), units, per_latent)
+        x_rep = x_T.repeat(reps, 1, 1, 1)
     frames = ae.decode(moved, x_rep, steps=steps, batch_size=batch_size)
     return frames.reshape(len(alphas), len(z), *frames.shape[1:])
 

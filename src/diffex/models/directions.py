@@ -88,9 +88,10 @@ class LatentSpace(nn.Module):
     def shift(
         self, z: Tensor, units: Tensor | Callable[[Tensor], Tensor], alpha: float | Tensor
     ) -> Tensor:
-        """Raw z_sem moved by ``alpha`` class gaps along unit vectors of standardised z.
+        """Raw z_sem moved by ``alpha`` class gaps along vectors of standardised z.
 
-        ``units``: a (D,) or (N, D) tensor, or a map from standardised z (N, D) to unit vectors;
+        ``units``: a (D,) or (N, D) tensor, or a map from standardised z (N, D) to vectors (unit
+        vectors for directions; a longer vector moves proportionally further);
         ``alpha``: a number or one per latent (N,). The edit is computed on the space's device
         (the GPU, when there is one) and returned on ``z``'s (the decoder's input, which may be
         the encoder cache's CPU tensors): callers never move latents themselves.
