@@ -35,6 +35,7 @@ def test_quick_demo_writes_every_stage(demo_run: Path) -> None:
         "directions/model.safetensors",
         "directions/metrics.json",
         "directions/training_curve.png",
+        "directions/training_curve_restart1.png",
         "ranking.json",
         "explanations/summary.json",
         "demo_summary.json",
@@ -45,7 +46,23 @@ def test_quick_demo_writes_every_stage(demo_run: Path) -> None:
     for key in ("target_class", "alpha", "n_images", "directions", "reference", "all_pairs"):
         assert key in ranking
     assert ranking["target_class"] == "treated"
-    assert len(ranking["all_pairs"]) == 2 * 3  # K = 3 directions, two signs
+    # two restarts of K = 3 directions, two signs; the ranked directions are all of the set
+    # whose best edit raises p(treated) most
+    assert len(ranking["all_pairs"]) == 2 * 2 * 3
+    sets = ranking["restarts"]
+    assert (sets["n"], sets["k"]) == (2, 3)
+    best = [
+        max(
+            p["mean_delta_p"]
+            for p in ranking["all_pairs"]
+            if p["restart"] == r and not p["artifact_flags"]
+        )
+        for r in range(2)
+    ]
+    assert sets["chosen"] == int(best[1] > best[0])
+    assert sets["best_mean_delta_p"] == pytest.approx(best, abs=1e-9)
+    for d in ranking["directions"]:
+        assert d["direction"] // 3 == sets["chosen"]
     # every ranked edit and the reference are calibrated against the classifier's recall on real
     # treated cells: never above the ranking alpha, and reaching the goal whenever it says so
     for entry in [*ranking["directions"], ranking["reference"]]:
@@ -63,6 +80,9 @@ def test_quick_demo_writes_every_stage(demo_run: Path) -> None:
         "nucleus_gain",
     }
     assert "invariance" in metrics["history"][-1]
+    seeds = [r["seed"] for r in metrics["restarts"]]
+    assert seeds[1] - seeds[0] == 100
+    assert [r["directions"] for r in metrics["restarts"]] == [[0, 2], [3, 5]]
     summary = read_json(out / "explanations" / "summary.json")
     names = [item["name"] for item in summary["items"]]
     assert len(names) == len(ranking["directions"]) + 1  # ranked + class-mean reference

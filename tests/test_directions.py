@@ -19,6 +19,7 @@ from diffex.models.directions import (
     LatentEditor,
     LatentSpace,
 )
+from diffex.train.directions import DirectionTrainConfig, direction_sets
 
 
 def test_paper_loss_matches_hand_computation() -> None:
@@ -75,3 +76,34 @@ def test_config_validation() -> None:
         DirectionModelConfig(z_dim=4, kind="wiggly")
     with pytest.raises(DiffexError, match="at least two latents"):
         LatentSpace(4, 2).fit(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long))
+
+
+def test_direction_sets_of_a_config() -> None:
+    assert direction_sets({"train": {"k": 10, "restarts": 2}}, 20) == (10, 2)
+    assert direction_sets({"train": {"k": 10}}, 10) == (10, 1)  # runs before restarts
+    with pytest.raises(DiffexError, match="restarts"):
+        direction_sets({"train": {"k": 10, "restarts": 2}}, 10)
+    with pytest.raises(DiffexError, match="restarts must be >= 1"):
+        DirectionTrainConfig(restarts=0)
+
+
+@pytest.mark.parametrize("kind", ["nonlinear", "linear", "global"])
+def test_concatenated_sets_edit_like_their_parts(kind: str) -> None:
+    torch.manual_seed(0)
+    z = torch.randn(40, 6)
+    space = LatentSpace(6, 2).fit(z, torch.arange(40) % 2)
+    sets = [
+        DirectionModels(DirectionModelConfig(z_dim=6, k=3, kind=kind, hidden=8)).eval()
+        for _ in range(2)
+    ]
+    joined = DirectionModels.concat(sets).eval()
+    assert joined.k == 6
+    for r, part in enumerate(sets):
+        for j in range(3):
+            torch.testing.assert_close(
+                LatentEditor(space, joined).edit(z[:4], 3 * r + j, -1, 0.7),
+                LatentEditor(space, part).edit(z[:4], j, -1, 0.7),
+            )
+    other = DirectionModels(DirectionModelConfig(z_dim=6, k=3, kind=kind, hidden=16))
+    with pytest.raises(DiffexError, match="architectures"):
+        DirectionModels.concat([sets[0], other])

@@ -16,6 +16,7 @@ from diffex.explain.ranking import (
     artifact_measures,
     artifact_z,
     attfind,
+    best_restart,
     edit_effects,
     format_ranking,
     reference_spread,
@@ -416,3 +417,31 @@ def test_rank_refuses_a_bad_max_cosine(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "--max-cosine" in err and "Traceback" not in err
+
+
+def test_best_restart_keeps_the_set_with_the_strongest_edit() -> None:
+    # two restarts of K=3: the strongest edit (0.9) is direction 4, sign -, in restart 1
+    w = [0.5, -0.3, 0.1, 0.2, -0.9, 0.05]
+    eff = effects_for(w, n=12, offset=1.0)  # every reconstruction is called class 0
+    assert not eff.pred_recon.any()
+    chosen, best = best_restart(eff, 1, 3)
+    assert chosen == 1 and best[1] > best[0] > 0
+    ranked = attfind(eff, 1, 3, threshold=0.05, candidates=range(3, 6))
+    assert [(d.direction, d.sign) for d in ranked][:2] == [(4, -1), (3, 1)]
+    assert all(3 <= d.direction < 6 for d in ranked)
+    # flagging that edit hands the choice to restart 0 (its best is 0.5 against 0.2)
+    assert best_restart(eff, 1, 3, flagged={(4, -1)})[0] == 0
+    # ...unless flagged edits may be ranked
+    assert best_restart(eff, 1, 3, flagged={(4, -1)}, skip_flagged=False)[0] == 1
+    # a tie goes to the earlier restart; a set with nothing rankable scores -inf
+    p_edit = np.zeros((4, 2, 5, 2), dtype=np.float32)
+    p_edit[..., 0] = 1.0
+    p_edit[[0, 2], 0] = [0.3, 0.7]  # directions 0 and 2 (+) both raise p(1) by 0.7
+    tie = EditEffects(1, 1.0, np.tile([[1.0, 0.0]], (5, 1)).astype(np.float32), p_edit)
+    assert best_restart(tie, 1, 2)[0] == 0
+    _, scores = best_restart(tie, 1, 2, flagged={(2, 1), (2, -1), (3, 1), (3, -1)})
+    assert scores[1] == -np.inf
+    with pytest.raises(DiffexError, match="do not split"):
+        best_restart(eff, 1, 4)
+    with pytest.raises(DiffexError, match="candidate direction 7"):
+        attfind(eff, 1, 1, candidates=[7])

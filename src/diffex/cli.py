@@ -708,6 +708,14 @@ def _print_autoencoder(metrics: dict[str, Any], run: Path) -> None:
 )
 @click.option("--k", "k", type=int, default=10, show_default=True, help="Number of directions.")
 @click.option(
+    "--restarts",
+    type=int,
+    default=2,
+    show_default=True,
+    help="Sets of K directions trained side by side from different random starts; rank keeps "
+    "the set whose best edit moves the classifier most (1 = a single set, half the time).",
+)
+@click.option(
     "--kind",
     type=click.Choice(["nonlinear", "linear", "global"]),
     default="nonlinear",
@@ -875,6 +883,13 @@ def _print_ranking(result: dict[str, Any]) -> None:
         click.echo("  no direction passed the threshold")
     if result.get("stop_reason"):
         click.echo(f"  stopped: {result['stop_reason']}")
+    sets = result.get("restarts") or {}
+    if sets.get("n", 1) > 1:
+        best = ", ".join("-" if b is None else f"{b:+.3f}" for b in sets["best_mean_delta_p"])
+        click.echo(
+            f"  directions of restart {sets['chosen']} (of {sets['n']}; each restart's best "
+            f"edit: {best})"
+        )
     ref = result["reference"]
     click.echo(
         f"  reference (class-mean direction): delta-p {ref['mean_delta_p']:+.3f}, "

@@ -19,6 +19,7 @@ from diffex.explain.ranking import (
     artifact_flags,
     artifact_measures,
     attfind,
+    best_restart,
     edit_effects,
     format_ranking,
     reference_spread,
@@ -29,7 +30,7 @@ from diffex.models.autoencoder import DiffusionAutoencoder
 from diffex.models.directions import LatentEditor
 from diffex.rundir import RunDir
 from diffex.train.autoencoder import load_autoencoder
-from diffex.train.directions import load_editor
+from diffex.train.directions import direction_sets, load_editor
 
 
 @dataclass
@@ -145,8 +146,9 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
     editor = load_editor(run, device)
     dcfg = read_json(rd.stage("directions") / "config.json")
     alpha = float(cfg.alpha if cfg.alpha is not None else dcfg["train"]["alpha"])
-    if cfg.m > editor.k:
-        raise DiffexError(f"cannot rank {cfg.m} directions: the run has only K = {editor.k}")
+    k_set, restarts = direction_sets(dcfg, editor.k)
+    if cfg.m > k_set:
+        raise DiffexError(f"cannot rank {cfg.m} directions: the run has only K = {k_set}")
     x, paths = source_images(plan, target, cfg.n_images, cfg.seed)
     info(f"rank: encoding {len(x)} source images ({cfg.ddim_steps} DDIM steps)")
     z, x_T = encode_cached(ae, run, x, paths, cfg.ddim_steps, cfg.batch_size)
@@ -157,7 +159,8 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
             return editor.edit(zz, k, sign, a)
 
     n_edits = editor.k * 2 * len(x)
-    info(f"rank: decoding {n_edits} edits (K = {editor.k}, 2 signs, alpha = {alpha})")
+    sets = f" ({restarts} restarts of {k_set})" if restarts > 1 else ""
+    info(f"rank: decoding {n_edits} edits (K = {editor.k}{sets}, 2 signs, alpha = {alpha})")
     effects = edit_effects(
         z,
         x_T,
@@ -184,12 +187,14 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
             pairs.append(
                 {
                     "direction": k,
+                    "restart": k // k_set,
                     "sign": sign,
                     "mean_delta_p": float(delta[k, si].mean()),
                     "flip_rate": float(flipped[k, si].mean()),
                     "artifact_flags": flags[(k, sign)],
                 }
             )
+    chosen, restart = restart_choice(effects, target, k_set, restarts, flags, cfg, len(x))
     ranked = attfind(
         effects,
         target,
@@ -201,6 +206,7 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
         min_explained=cfg.min_explained,
         shifts=mean_shifts(editor, z),
         max_cosine=cfg.max_cosine,
+        candidates=range(chosen * k_set, (chosen + 1) * k_set),
     )
     info("rank:\n" + format_ranking(ranked) + f"\nrank: stopped because {ranked.stop_reason}")
     reference = class_mean_reference(
@@ -218,6 +224,7 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
         "source_classes": [c for i, c in enumerate(plan.classes) if i != target],
         "directions": ranked_dicts,
         "stop_reason": ranked.stop_reason,
+        "restarts": restart,
         "reference": reference,
         "all_pairs": pairs,
         "unedited_mean_p_target": float(effects.p_recon(target).mean()),
@@ -225,6 +232,34 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
     }
     write_json(rd.root / "ranking.json", result)
     return result
+
+
+def restart_choice(
+    effects: Any,
+    target: int,
+    k_set: int,
+    restarts: int,
+    flags: dict[tuple[int, int], list[str]],
+    cfg: RankConfig,
+    n_images: int,
+) -> tuple[int, dict[str, Any]]:
+    """Which restart's directions AttFind ranks: the set whose best rankable edit raises
+    p(target) most on the source images (:func:`diffex.explain.ranking.best_restart`); the
+    index and what ranking.json records about the choice."""
+    if restarts == 1:
+        return 0, {"n": 1, "k": k_set, "chosen": 0}
+    chosen, best = best_restart(
+        effects, target, k_set, flags, not cfg.keep_flagged, np.arange(n_images)
+    )
+    shown = ", ".join(f"{b:.3f}" for b in best)
+    info(f"rank: best mean delta-p of each restart: {shown}; ranking restart {chosen}")
+    return chosen, {
+        "n": restarts,
+        "k": k_set,
+        "chosen": chosen,
+        "best_mean_delta_p": [b if np.isfinite(b) else None for b in best],
+        "rule": "the restart whose best edit (not flagged) raises p(target) most",
+    }
 
 
 def mean_shifts(editor: LatentEditor, z: torch.Tensor) -> np.ndarray:

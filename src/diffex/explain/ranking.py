@@ -338,6 +338,7 @@ def attfind(
     min_explained: float = 0.0,
     shifts: np.ndarray | None = None,
     max_cosine: float = 1.0,
+    candidates: Iterable[int] | None = None,
 ) -> Ranking:
     """Greedy AttFind ranking of (direction, sign) pairs for class ``target``.
 
@@ -367,7 +368,8 @@ def attfind(
     candidate fails the threshold or the floor (``stop_reason`` of the result says which).
     Every accepted round marks one more of the K directions used, so there are at most K rounds.
     ``flagged`` maps (k, s) to artifact flags (or is a set of pairs); with
-    ``skip_flagged=False`` flagged pairs may be chosen and carry their flags.
+    ``skip_flagged=False`` flagged pairs may be chosen and carry their flags. ``candidates``
+    limits the ranking to those directions (default: all K), for example one restart's set.
     """
     if isinstance(M, bool) or not isinstance(M, (int, np.integer)) or M < 1:
         raise DiffexError(f"number of directions to rank M must be a positive integer, got {M!r}")
@@ -395,12 +397,7 @@ def attfind(
     delta = effects.delta(target).astype(np.float64)  # (K, 2, N)
     flipped = (effects.pred_edit == target) & (effects.pred_recon != target)[None, None, :]
 
-    allowed = np.ones((K, 2), dtype=bool)
-    if skip_flagged:
-        for k, s in flags:
-            if 0 <= k < K:
-                allowed[k, sign_index(s)] = False
-
+    allowed = _allowed_pairs(K, flags, skip_flagged, candidates)
     ranked = Ranking()
     remaining = src.copy()
     floor = max(1, int(np.ceil(min_explained * src.size - 1e-9)))
@@ -458,6 +455,53 @@ def attfind(
             allowed[same, :] = False
         allowed[k, :] = False
     return ranked
+
+
+def _allowed_pairs(
+    K: int,
+    flags: Mapping[Pair, Sequence[str]],
+    skip_flagged: bool,
+    candidates: Iterable[int] | None,
+) -> np.ndarray:
+    """(K, 2) mask of the (direction, sign) pairs that may be ranked."""
+    allowed = np.ones((K, 2), dtype=bool)
+    if candidates is not None:
+        allowed[:] = False
+        for k in candidates:
+            if not 0 <= int(k) < K:
+                raise DiffexError(f"candidate direction {k} is not one of the K={K} directions")
+            allowed[int(k)] = True
+    if skip_flagged:
+        for k, s in flags:
+            if 0 <= k < K:
+                allowed[k, sign_index(s)] = False
+    return allowed
+
+
+def best_restart(
+    effects: EditEffects,
+    target: int,
+    k: int,
+    flagged: Mapping[Pair, Sequence[str]] | Iterable[Pair] | None = None,
+    skip_flagged: bool = True,
+    images: np.ndarray | Sequence[int] | None = None,
+) -> tuple[int, list[float]]:
+    """The restart (consecutive sets of ``k`` directions) whose best edit moves the classifier
+    most: for each set, the largest mean delta-p over the source images of its (direction,
+    sign) pairs that AttFind may rank (``flagged``, ``skip_flagged`` and ``images`` as in
+    :func:`attfind`); that edit is the set's first AttFind pick. Returns (the chosen restart,
+    each set's best mean delta-p); ties go to the earlier restart, and a set with no rankable
+    pair scores -inf."""
+    K = effects.n_directions
+    if k < 1 or K % k:
+        raise DiffexError(f"{K} directions do not split into restarts of k={k}")
+    target = effects._check_target(target)
+    allowed = _allowed_pairs(K, _flag_map(flagged), skip_flagged, None)
+    src = _source_indices(effects, target, images)
+    means = effects.delta(target).astype(np.float64)[:, :, src].mean(axis=2)
+    means = np.where(allowed & np.isfinite(means), means, -np.inf)
+    best = [float(means[r * k : (r + 1) * k].max()) for r in range(K // k)]
+    return int(np.argmax(best)), best
 
 
 def format_ranking(ranked: Sequence[RankedDirection]) -> str:

@@ -152,6 +152,30 @@ class DirectionModels(nn.Module):
     def k(self) -> int:
         return self.config.k
 
+    @classmethod
+    def concat(cls, sets: list[DirectionModels]) -> DirectionModels:
+        """One model holding every set's directions in order (set r's direction j becomes
+        direction r * K + j); the sets must share their architecture."""
+        first = sets[0].config
+        if any(
+            (m.config.z_dim, m.config.kind, m.config.hidden)
+            != (first.z_dim, first.kind, first.hidden)
+            for m in sets
+        ):
+            raise DiffexError("direction sets of different architectures cannot be joined")
+        cfg = DirectionModelConfig(
+            z_dim=first.z_dim, k=sum(m.k for m in sets), kind=first.kind, hidden=first.hidden
+        )
+        joined = cls(cfg).to(next(sets[0].parameters()).device)
+        with torch.no_grad():
+            if cfg.kind == "global":
+                joined.vectors.copy_(torch.cat([m.vectors for m in sets]))
+            else:
+                nets = [net for m in sets for net in m.nets]
+                for dst, src in zip(joined.nets, nets, strict=True):
+                    dst.load_state_dict(src.state_dict())
+        return joined
+
     def raw(self, zs: Tensor, k: int) -> Tensor:
         """Unnormalised output N_k(z) for standardised latents (N, D)."""
         if self.config.kind == "global":

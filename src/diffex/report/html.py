@@ -255,7 +255,20 @@ def _directions_section(root: Path) -> dict[str, Any] | None:
         "n_flagged": len(flagged),
         "unedited_p": _fmt(ranking.get("unedited_mean_p_target")),
         "stop_reason": ranking.get("stop_reason", ""),
+        "restarts": _restarts_line(ranking.get("restarts") or {}),
     }
+
+
+def _restarts_line(sets: dict[str, Any]) -> str:
+    """Which of several direction sets was ranked, and why (empty for a single set)."""
+    if sets.get("n", 1) < 2:
+        return ""
+    best = ", ".join("none" if b is None else f"{b:+.3f}" for b in sets["best_mean_delta_p"])
+    return (
+        f"Directions were trained {sets['n']} times from different random starts; the ranking "
+        f"uses restart {sets['chosen']}, whose best edit raises p(target) most (each restart's "
+        f"best edit: {best})."
+    )
 
 
 def _gcd_section(root: Path) -> dict[str, Any] | None:

@@ -41,9 +41,16 @@ from diffex.train.resume import stage_resume, weights_digest
 
 @dataclass
 class DirectionTrainConfig:
-    """Settings of the directions stage."""
+    """Settings of the directions stage.
+
+    ``restarts``: independent sets of ``k`` directions, trained one after the other from
+    different random starts (restart r uses seed ``seed + 100 r`` for its initialisation, batch
+    order and noise; restart 0 is the single set of ``restarts = 1``). The contrastive
+    objective has several optima, and which one a start reaches decides which factors a set
+    finds; the rank stage keeps the set whose best edit moves the classifier most."""
 
     k: int = 10
+    restarts: int = 2
     kind: str = "nonlinear"
     objective: str = "classifier"
     alpha: float = 1.0
@@ -74,6 +81,8 @@ class DirectionTrainConfig:
             raise DiffexError(f"steps must be >= 1, got {self.steps}")
         if self.k < 2:
             raise DiffexError(f"k must be >= 2 (negatives need other directions), got {self.k}")
+        if self.restarts < 1:
+            raise DiffexError(f"restarts must be >= 1, got {self.restarts}")
         if self.invariance < 0 or self.decorrelation < 0:
             raise DiffexError(
                 f"penalty weights must be >= 0, got invariance {self.invariance} and "
@@ -146,10 +155,15 @@ def edit_features(
     return feats, labels, units, penalty
 
 
+#: seed offset between restarts: restart r trains with ``seed + RESTART_SEED_STEP * r``
+RESTART_SEED_STEP = 100
+
+
 def train_directions(
     run: str | Path, cfg: DirectionTrainConfig, device: torch.device
 ) -> dict[str, Any]:
-    """Fit the latent space on training latents, train K directions, write RUN/directions/."""
+    """Fit the latent space on training latents, train ``cfg.restarts`` sets of K directions,
+    write RUN/directions/ (one model holding every set, set r as directions r*K .. r*K+K-1)."""
     rd = RunDir(run)
     plan = rd.load_plan()
     ae = load_autoencoder(run, device).eval().requires_grad_(False)
@@ -159,11 +173,6 @@ def train_directions(
     z_dim = z_train.shape[1]
     space = LatentSpace(z_dim, len(plan.classes)).fit(z_train, train.y)
     info(f"directions: class gap in standardised z = {float(space.gap):.2f} (alpha unit)")
-    torch.manual_seed(cfg.seed)
-    dcfg = DirectionModelConfig(z_dim=z_dim, k=cfg.k, kind=cfg.kind, hidden=cfg.hidden)
-    trainer = DirectionTrainer(LatentEditor(space, DirectionModels(dcfg)), cfg.objective, z_dim)
-    trainer.to(device)
-    gen = torch.Generator().manual_seed(cfg.seed + 7)
     spread = None
     gain_channel = plan.measure_channels.get("nucleus")
     stat_names = nuisance_names(gain_channel)
@@ -171,111 +180,156 @@ def train_directions(
         spread = natural_spread(train.x, gain_channel).to(device)
         sds = zip(stat_names, spread.tolist(), strict=True)
         info("directions: invariance penalty on " + ", ".join(f"{n} (sd {v:.3g})" for n, v in sds))
-
-    sampler = iter(EpochSampler(len(z_train), cfg.batch_size, cfg.seed))
-    batches = (i for i in sampler)
-
-    def loss_fn(m: nn.Module, idx: Tensor, step: int) -> dict[str, Tensor]:
-        feats, labels, units, penalty = edit_features(
-            m,
-            ae,
-            cfg.objective,
-            z_train[idx].to(device),
-            train.x[idx].to(device),
-            cfg.alpha,
-            cfg.t_edit,
-            gen,
-            spread,
-            gain_channel,
-        )
-        loss = contrastive_loss(feats, labels)
-        out = {"contrastive": loss}
-        if penalty is not None:
-            loss = loss + cfg.invariance * penalty
-            out["invariance"] = penalty
-        if cfg.decorrelation > 0:
-            pen = decorrelation_penalty(units)
-            loss = loss + cfg.decorrelation * pen
-            out["decorrelation"] = pen
-        out["loss"] = loss
-        return out
-
     held = load_split(plan, "val")
     n_eval = min(cfg.eval_images, len(held.y))
     z_held, x_held = semantic_latents(ae, held.x[:n_eval]), held.x[:n_eval]
+    dcfg = DirectionModelConfig(z_dim=z_dim, k=cfg.k, kind=cfg.kind, hidden=cfg.hidden)
+    upstream = weights_digest(rd, "autoencoder")
 
-    def evaluate(m: nn.Module) -> dict[str, float]:
-        with torch.no_grad():
-            feats, labels, _, penalty = edit_features(
+    def train_set(restart: int) -> tuple[DirectionTrainer, Any]:
+        """One set of K directions from its own random start."""
+        seed = cfg.seed + RESTART_SEED_STEP * restart
+        torch.manual_seed(seed)
+        trainer = DirectionTrainer(LatentEditor(space, DirectionModels(dcfg)), cfg.objective, z_dim)
+        trainer.to(device)
+        gen = torch.Generator().manual_seed(seed + 7)
+        batches = iter(EpochSampler(len(z_train), cfg.batch_size, seed))
+
+        def loss_fn(m: nn.Module, idx: Tensor, step: int) -> dict[str, Tensor]:
+            feats, labels, units, penalty = edit_features(
                 m,
                 ae,
                 cfg.objective,
-                z_held.to(device),
-                x_held.to(device),
+                z_train[idx].to(device),
+                train.x[idx].to(device),
                 cfg.alpha,
                 cfg.t_edit,
-                torch.Generator().manual_seed(cfg.seed + 99),
+                gen,
                 spread,
                 gain_channel,
             )
-            out = {
-                "heldout_loss": float(contrastive_loss(feats, labels)),
-                "heldout_accuracy": contrastive_accuracy(feats, labels),
-            }
+            loss = contrastive_loss(feats, labels)
+            out = {"contrastive": loss}
             if penalty is not None:
-                out["heldout_invariance"] = float(penalty)
+                loss = loss + cfg.invariance * penalty
+                out["invariance"] = penalty
+            if cfg.decorrelation > 0:
+                pen = decorrelation_penalty(units)
+                loss = loss + cfg.decorrelation * pen
+                out["decorrelation"] = pen
+            out["loss"] = loss
             return out
 
-    loop = LoopConfig(
-        steps=cfg.steps,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        warmup_steps=0,
-        schedule="constant",
-        eval_every=max(1, cfg.steps // 4),
-        log_every=max(1, cfg.steps // 20),
-    )
-    resume = stage_resume(
-        rd, "directions", cfg, {"noise": gen}, autoencoder=weights_digest(rd, "autoencoder")
-    )
-    result = run_loop(
-        trainer,
-        loss_fn,
-        batches,
-        loop,
-        device,
-        evaluate=evaluate,
-        desc="directions",
-        resume=resume,
-    )
-    trainer = result.model
+        def evaluate(m: nn.Module) -> dict[str, float]:
+            with torch.no_grad():
+                feats, labels, _, penalty = edit_features(
+                    m,
+                    ae,
+                    cfg.objective,
+                    z_held.to(device),
+                    x_held.to(device),
+                    cfg.alpha,
+                    cfg.t_edit,
+                    torch.Generator().manual_seed(seed + 99),
+                    spread,
+                    gain_channel,
+                )
+                out = {
+                    "heldout_loss": float(contrastive_loss(feats, labels)),
+                    "heldout_accuracy": contrastive_accuracy(feats, labels),
+                }
+                if penalty is not None:
+                    out["heldout_invariance"] = float(penalty)
+                return out
+
+        loop = LoopConfig(
+            steps=cfg.steps,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            warmup_steps=0,
+            schedule="constant",
+            eval_every=max(1, cfg.steps // 4),
+            log_every=max(1, cfg.steps // 20),
+        )
+        extra = {"restart": str(restart)} if restart else {}
+        resume = stage_resume(
+            rd,
+            "directions",
+            cfg,
+            {"noise": gen},
+            name="checkpoint" if not restart else f"checkpoint_restart{restart}",
+            autoencoder=upstream,
+            **extra,
+        )
+        desc = "directions" if cfg.restarts == 1 else f"directions {restart + 1}/{cfg.restarts}"
+        result = run_loop(
+            trainer, loss_fn, batches, loop, device, evaluate=evaluate, desc=desc, resume=resume
+        )
+        return result.model, result
+
     out = rd.stage("directions")
+    trainers, results = zip(*(train_set(r) for r in range(cfg.restarts)), strict=True)
+    merged = DirectionTrainer(
+        LatentEditor(space, DirectionModels.concat([t.editor.directions for t in trainers])),
+        cfg.objective,
+        z_dim,
+    )
+    if trainers[0].projector is not None:  # the paper objective's projector (training only)
+        merged.projector = trainers[0].projector
     config = {
-        "model": dcfg.to_dict(),
+        "model": merged.editor.directions.config.to_dict(),
         "train": asdict(cfg),
         "n_classes": len(plan.classes),
         "classes": plan.classes,
     }
-    save_module(out, trainer, config)
+    save_module(out, merged, config)
+    finals = [r.evals[-1] if r.evals else {} for r in results]
     metrics = {
         "class_gap": float(space.gap),
         "invariance_spread": (
             dict(zip(stat_names, spread.tolist(), strict=True)) if spread is not None else None
         ),
-        "final": result.evals[-1] if result.evals else {},
-        "evals": result.evals,
-        "train_seconds": round(result.seconds, 1),
-        "history": result.history,
+        # mean over restarts; each restart's own curves are under "restarts"
+        "final": {key: sum(f[key] for f in finals) / len(finals) for key in finals[0]},
+        "evals": results[0].evals,
+        "history": results[0].history,
+        "train_seconds": round(sum(r.seconds for r in results), 1),
+        "restarts": [
+            {
+                "restart": i,
+                "seed": cfg.seed + RESTART_SEED_STEP * i,
+                "directions": [i * cfg.k, (i + 1) * cfg.k - 1],
+                "final": finals[i],
+                "evals": r.evals,
+                "history": r.history,
+                "train_seconds": round(r.seconds, 1),
+            }
+            for i, r in enumerate(results)
+        ],
     }
     write_json(out / "metrics.json", metrics)
-    training_curve(
-        result.history,
-        result.evals,
-        out / "training_curve.png",
-        "directions",
-        eval_keys=("heldout_accuracy",),
-    )
+    for i, r in enumerate(results):
+        training_curve(
+            r.history,
+            r.evals,
+            out / ("training_curve.png" if not i else f"training_curve_restart{i}.png"),
+            "directions" if cfg.restarts == 1 else f"directions, restart {i}",
+            eval_keys=("heldout_accuracy",),
+        )
     return metrics
+
+
+def direction_sets(config: dict[str, Any], k_total: int) -> tuple[int, int]:
+    """(directions per restart, restarts) of a directions config.json (runs from before
+    restarts hold one set of ``k_total``)."""
+    train = config.get("train", {})
+    restarts = int(train.get("restarts", 1))
+    k = int(train.get("k", k_total)) if restarts > 1 else k_total
+    if k * restarts != k_total:
+        raise DiffexError(
+            f"directions config: {restarts} restarts of k={k} do not make the model's {k_total}"
+        )
+    return k, restarts
 
 
 def load_editor(run: str | Path, device: torch.device | str = "cpu") -> LatentEditor:

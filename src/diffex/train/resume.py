@@ -199,12 +199,17 @@ def stage_settings(cfg: Any) -> dict[str, Any]:
 
 
 def stage_resume(
-    run: RunDir, stage: str, cfg: Any, generators: dict[str, torch.Generator], **upstream: str
+    run: RunDir,
+    stage: str,
+    cfg: Any,
+    generators: dict[str, torch.Generator],
+    name: str = "checkpoint",
+    **upstream: str,
 ) -> Resume:
-    """The checkpoint of a stage: ``RUN/<stage>/checkpoint.safetensors``, fingerprinted by the
+    """The checkpoint of a stage: ``RUN/<stage>/<name>.safetensors``, fingerprinted by the
     stage's settings plus ``upstream`` digests (data plan, weights it builds on)."""
     fingerprint = {"stage": stage, "config": stage_settings(cfg), **upstream}
-    path = run.stage(stage) / "checkpoint.safetensors"
+    path = run.stage(stage) / f"{name}.safetensors"
     return Resume(path, cfg.checkpoint_every, fingerprint, generators)
 
 
