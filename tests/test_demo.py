@@ -119,3 +119,18 @@ def test_ranking_is_deterministic(demo_run: Path, tmp_path: Path) -> None:
     args += ["--ddim-steps", str(cfg["ddim_steps"]), "--seed", str(cfg["seed"])]
     assert main(["--device", "cpu", "rank", "--run", str(run), *args]) == 0
     assert (run / "ranking.json").read_bytes() == (demo_run / "ranking.json").read_bytes()
+
+
+def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
+    """A directions marker written before ``restarts`` existed trained one set: it is done for
+    ``restarts = 1`` and stale for 2, in its own stage and in the stages after it."""
+    from diffex.io.atomic import write_json
+    from diffex.pipeline import _done
+
+    old = {"seed": 0, "directions": {"k": 10, "alpha": 2.0}, "rank": {"m": 3}}
+    write_json(tmp_path / ".stages" / "rank.json", {"config": old, "seconds": 1.0})
+    now = {**old, "directions": {"k": 10, "alpha": 2.0, "restarts": 1}}
+    assert _done(tmp_path, "rank", now)
+    assert not _done(tmp_path, "rank", {**now, "directions": {**now["directions"], "restarts": 2}})
+    assert not _done(tmp_path, "rank", {**now, "rank": {"m": 4}})
+    assert not _done(tmp_path, "explain", now)  # no marker

@@ -119,9 +119,23 @@ def _stage_marker(out: Path, stage: str) -> Path:
     return out / ".stages" / f"{stage}.json"
 
 
+#: Settings added after runs existed, with the value that reproduces what those runs did: a
+#: directions stage recorded without ``restarts`` trained one set.
+LEGACY_SETTINGS: dict[str, dict[str, Any]] = {"directions": {"restarts": 1}}
+
+
+def _upgrade(config: dict[str, Any]) -> dict[str, Any]:
+    """A stage marker's recorded configuration with the settings it predates filled in."""
+    out = dict(config)
+    for stage, legacy in LEGACY_SETTINGS.items():
+        if isinstance(out.get(stage), dict):
+            out[stage] = {**legacy, **out[stage]}
+    return out
+
+
 def _done(out: Path, stage: str, config: dict[str, Any]) -> bool:
     marker = _stage_marker(out, stage)
-    return marker.is_file() and read_json(marker).get("config") == config
+    return marker.is_file() and _upgrade(read_json(marker).get("config") or {}) == config
 
 
 def run_demo(out: Path, cfg: DemoConfig, device: torch.device, seed: int = 0) -> dict[str, Any]:

@@ -159,6 +159,11 @@ def edit_features(
 RESTART_SEED_STEP = 100
 
 
+def restart_seed(seed: int, restart: int) -> int:
+    """The seed of restart ``restart`` (restart 0 keeps ``seed``)."""
+    return seed + RESTART_SEED_STEP * restart
+
+
 def train_directions(
     run: str | Path, cfg: DirectionTrainConfig, device: torch.device
 ) -> dict[str, Any]:
@@ -188,7 +193,7 @@ def train_directions(
 
     def train_set(restart: int) -> tuple[DirectionTrainer, Any]:
         """One set of K directions from its own random start."""
-        seed = cfg.seed + RESTART_SEED_STEP * restart
+        seed = restart_seed(cfg.seed, restart)
         torch.manual_seed(seed)
         trainer = DirectionTrainer(LatentEditor(space, DirectionModels(dcfg)), cfg.objective, z_dim)
         trainer.to(device)
@@ -297,7 +302,7 @@ def train_directions(
         "restarts": [
             {
                 "restart": i,
-                "seed": cfg.seed + RESTART_SEED_STEP * i,
+                "seed": restart_seed(cfg.seed, i),
                 "directions": [i * cfg.k, (i + 1) * cfg.k - 1],
                 "final": finals[i],
                 "evals": r.evals,
