@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -256,3 +258,23 @@ def test_shift_moves_alpha_class_gaps_along_the_unit_vector() -> None:
     assert torch.allclose(
         space.shift(z, lambda zs: -unit.expand_as(zs), 0.5), space.shift(z, unit, -0.5)
     )
+
+
+def test_prune_stale_removes_only_earlier_explanations(tmp_path: Path) -> None:
+    """A rerun of explain drops the folders of directions no longer ranked, keeps the current
+    ones and anything that is not an explanation folder."""
+    from diffex.explain.explain import prune_stale
+
+    for name in ("rank1_dir17+", "rank1_dir7+", "reference_class_mean", "notes"):
+        (tmp_path / name).mkdir()
+        if name != "notes":
+            (tmp_path / name / "summary.json").write_text("{}")
+    (tmp_path / "summary.json").write_text("{}")
+    removed = prune_stale(tmp_path, {"rank1_dir17+", "reference_class_mean"})
+    assert removed == ["rank1_dir7+"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "notes",
+        "rank1_dir17+",
+        "reference_class_mean",
+        "summary.json",
+    ]

@@ -3,6 +3,7 @@ the probability curve, a difference map, per-channel panels and the morphology r
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,8 +204,25 @@ def explain_run(
         summary["items"].append(entry)
         write_json(folder / "summary.json", entry)
     write_json(out / "summary.json", summary)
+    stale = prune_stale(out, {item.name for item in items})
+    if stale:
+        info(f"explain: removed earlier explanations {', '.join(stale)}")
     info(f"explain: wrote {len(items)} explanations to {out}")
     return summary
+
+
+def prune_stale(out: Path, keep: set[str]) -> list[str]:
+    """Remove the explanation folders under ``out`` (those holding a ``summary.json``) that are
+    not in ``keep``, so an earlier ranking's directions are not shown beside the current ones;
+    returns their names. Other files and folders are left alone."""
+    stale = sorted(
+        d.name
+        for d in out.iterdir()
+        if d.is_dir() and d.name not in keep and (d / "summary.json").is_file()
+    )
+    for name in stale:
+        shutil.rmtree(out / name)
+    return stale
 
 
 def _source_name(plan: DataPlan, target: int) -> str:
