@@ -60,6 +60,12 @@ def test_quick_demo_writes_every_stage(demo_run: Path) -> None:
         for r in range(2)
     ]
     assert sets["chosen"] == int(best[1] > best[0])
+    # the margin is the paired difference of the two best edits: its mean is their gap
+    if sets["runner_up"] is not None:
+        assert sets["runner_up"] == 1 - sets["chosen"]
+        gap = best[sets["chosen"]] - best[sets["runner_up"]]
+        assert sets["margin"] == pytest.approx(gap, abs=1e-6)
+        assert sets["close"] == (sets["margin"] < 2 * sets["margin_se"])
     assert sets["best_mean_delta_p"] == pytest.approx(best, abs=1e-9)
     for d in ranking["directions"]:
         assert d["direction"] // 3 == sets["chosen"]

@@ -20,6 +20,7 @@ from diffex.explain.ranking import (
     edit_effects,
     format_ranking,
     reference_spread,
+    restart_margin,
 )
 
 torch.set_num_threads(1)
@@ -445,3 +446,42 @@ def test_best_restart_keeps_the_set_with_the_strongest_edit() -> None:
         best_restart(eff, 1, 4)
     with pytest.raises(DiffexError, match="candidate direction 7"):
         attfind(eff, 1, 1, candidates=[7])
+
+
+def _two_sets(p_set0: list[float], p_set1: list[float]) -> EditEffects:
+    """Two restarts of K=2 on 4 images whose reconstructions have p(1) = 0: direction 0 (+)
+    reaches ``p_set0`` and direction 2 (+) ``p_set1``; every other edit does nothing."""
+    p_edit = np.zeros((4, 2, 4, 2), dtype=np.float32)
+    p_edit[..., 0] = 1.0
+    for d, p in ((0, p_set0), (2, p_set1)):
+        p_edit[d, 0, :, 1] = p
+        p_edit[d, 0, :, 0] = 1 - np.asarray(p)
+    return EditEffects(1, 1.0, np.tile([[1.0, 0.0]], (4, 1)).astype(np.float32), p_edit)
+
+
+def test_restart_margin_is_the_paired_difference_of_the_best_edits() -> None:
+    # set 0's best edit beats set 1's by exactly 0.1 on every image: a sure choice
+    sure = restart_margin(_two_sets([0.5, 0.6, 0.7, 0.8], [0.4, 0.5, 0.6, 0.7]), 1, 2)
+    assert sure["runner_up"] == 1 and not sure["close"]
+    assert sure["margin"] == pytest.approx(0.1, abs=1e-6)
+    assert sure["margin_se"] == pytest.approx(0.0, abs=1e-6)
+    # means 0.65 and 0.60, but per image the difference is -0.4, 0.3, -0.2, 0.5: sd 0.4203,
+    # standard error 0.2102, so a margin of 0.05 is a close call
+    close = _two_sets([0.5, 0.6, 0.7, 0.8], [0.9, 0.3, 0.9, 0.3])
+    assert best_restart(close, 1, 2)[0] == 0
+    m = restart_margin(close, 1, 2)
+    assert m["runner_up"] == 1 and m["close"]
+    assert m["margin"] == pytest.approx(0.05, abs=1e-6)
+    assert m["margin_se"] == pytest.approx(np.sqrt(0.53 / 3) / 2, abs=1e-6)
+    # the chosen set can be the later one: the sign of the margin follows the choice
+    flipped = restart_margin(_two_sets([0.9, 0.3, 0.9, 0.3], [0.5, 0.6, 0.7, 0.8]), 1, 2)
+    assert flipped["runner_up"] == 0 and flipped["margin"] == pytest.approx(0.05, abs=1e-6)
+    # one set, or a runner-up with nothing rankable, is never a close call
+    assert restart_margin(close, 1, 4) == {
+        "runner_up": None,
+        "margin": None,
+        "margin_se": None,
+        "close": False,
+    }
+    lone = restart_margin(close, 1, 2, flagged={(2, 1), (2, -1), (3, 1), (3, -1)})
+    assert lone["runner_up"] is None and not lone["close"]

@@ -211,3 +211,16 @@ def test_largest_changes_are_the_largest_shown_changes() -> None:
     assert _top_changes({"morphology": morphology}) == (
         "nucleus_area +29 %, actin_intensity -31 %, cell_area -6 %"
     )
+
+
+def test_restarts_line_says_which_set_and_how_sure() -> None:
+    from diffex.report.html import _restarts_line
+
+    assert _restarts_line({"n": 1, "k": 10, "chosen": 0}) == ""
+    sets = {"n": 2, "k": 10, "chosen": 1, "best_mean_delta_p": [0.851, 0.865]}
+    plain = _restarts_line(sets)  # a ranking.json from before margins
+    assert "restart 1" in plain and "+0.851, +0.865" in plain and "close" not in plain
+    sure = _restarts_line({**sets, "runner_up": 0, "margin": 0.103, "margin_se": 0.015})
+    assert "+0.103 ± 0.015" in sure and "close call" not in sure
+    close = {**sets, "runner_up": 0, "margin": 0.013, "margin_se": 0.008, "close": True}
+    assert "a close call" in _restarts_line(close)

@@ -886,9 +886,13 @@ def _print_ranking(result: dict[str, Any]) -> None:
     sets = result.get("restarts") or {}
     if sets.get("n", 1) > 1:
         best = ", ".join("-" if b is None else f"{b:+.3f}" for b in sets["best_mean_delta_p"])
+        close = ""
+        if sets.get("margin") is not None:
+            close = f"; margin {sets['margin']:+.3f} ± {sets['margin_se']:.3f} SE per image"
+            close += ", a close call" if sets.get("close") else ""
         click.echo(
             f"  directions of restart {sets['chosen']} (of {sets['n']}; each restart's best "
-            f"edit: {best})"
+            f"edit: {best}{close})"
         )
     ref = result["reference"]
     click.echo(

@@ -23,9 +23,10 @@ from diffex.explain.ranking import (
     edit_effects,
     format_ranking,
     reference_spread,
+    restart_margin,
 )
 from diffex.io.atomic import read_json, write_json
-from diffex.log import info
+from diffex.log import info, warn
 from diffex.models.autoencoder import DiffusionAutoencoder
 from diffex.models.directions import LatentEditor
 from diffex.rundir import RunDir
@@ -248,17 +249,24 @@ def restart_choice(
     index and what ranking.json records about the choice."""
     if restarts == 1:
         return 0, {"n": 1, "k": k_set, "chosen": 0}
-    chosen, best = best_restart(
-        effects, target, k_set, flags, not cfg.keep_flagged, np.arange(n_images)
-    )
+    args = (effects, target, k_set, flags, not cfg.keep_flagged, np.arange(n_images))
+    chosen, best = best_restart(*args)
+    margin = restart_margin(*args)
     shown = ", ".join(f"{b:.3f}" for b in best)
     info(f"rank: best mean delta-p of each restart: {shown}; ranking restart {chosen}")
+    if margin["close"]:
+        warn(
+            f"rank: a close call: restart {chosen}'s best edit beats restart "
+            f"{margin['runner_up']}'s by {margin['margin']:.3f} ± {margin['margin_se']:.3f} (SE "
+            f"over {n_images} images); another sample of images could rank the other set"
+        )
     return chosen, {
         "n": restarts,
         "k": k_set,
         "chosen": chosen,
         "best_mean_delta_p": [b if np.isfinite(b) else None for b in best],
         "rule": "the restart whose best edit (not flagged) raises p(target) most",
+        **margin,
     }
 
 

@@ -478,6 +478,25 @@ def _allowed_pairs(
     return allowed
 
 
+def _restart_means(
+    effects: EditEffects,
+    target: int,
+    k: int,
+    flagged: Mapping[Pair, Sequence[str]] | Iterable[Pair] | None,
+    skip_flagged: bool,
+    images: np.ndarray | Sequence[int] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """((K, 2) mean delta-p of every pair AttFind may rank, -inf elsewhere; source indices)."""
+    K = effects.n_directions
+    if k < 1 or K % k:
+        raise DiffexError(f"{K} directions do not split into restarts of k={k}")
+    target = effects._check_target(target)
+    allowed = _allowed_pairs(K, _flag_map(flagged), skip_flagged, None)
+    src = _source_indices(effects, target, images)
+    means = effects.delta(target).astype(np.float64)[:, :, src].mean(axis=2)
+    return np.where(allowed & np.isfinite(means), means, -np.inf), src
+
+
 def best_restart(
     effects: EditEffects,
     target: int,
@@ -492,16 +511,40 @@ def best_restart(
     :func:`attfind`); that edit is the set's first AttFind pick. Returns (the chosen restart,
     each set's best mean delta-p); ties go to the earlier restart, and a set with no rankable
     pair scores -inf."""
-    K = effects.n_directions
-    if k < 1 or K % k:
-        raise DiffexError(f"{K} directions do not split into restarts of k={k}")
-    target = effects._check_target(target)
-    allowed = _allowed_pairs(K, _flag_map(flagged), skip_flagged, None)
-    src = _source_indices(effects, target, images)
-    means = effects.delta(target).astype(np.float64)[:, :, src].mean(axis=2)
-    means = np.where(allowed & np.isfinite(means), means, -np.inf)
-    best = [float(means[r * k : (r + 1) * k].max()) for r in range(K // k)]
+    means, _ = _restart_means(effects, target, k, flagged, skip_flagged, images)
+    best = [float(means[r * k : (r + 1) * k].max()) for r in range(len(means) // k)]
     return int(np.argmax(best)), best
+
+
+def restart_margin(
+    effects: EditEffects,
+    target: int,
+    k: int,
+    flagged: Mapping[Pair, Sequence[str]] | Iterable[Pair] | None = None,
+    skip_flagged: bool = True,
+    images: np.ndarray | Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """How sure :func:`best_restart`'s choice is: the mean over the source images of the
+    per-image difference in delta-p between the chosen set's best edit and the runner-up
+    set's, its standard error, and ``close`` when the margin is under two standard errors
+    (another sample of images could choose the other set). Arguments as for
+    :func:`best_restart`; with one set, or no rankable runner-up, nothing is close."""
+    means, src = _restart_means(effects, target, k, flagged, skip_flagged, images)
+    n_sets = len(means) // k
+    best = np.array([means[r * k : (r + 1) * k].max() for r in range(n_sets)])
+    order = np.argsort(-best, kind="stable")
+    if n_sets < 2 or not np.isfinite(best[order[1]]) or len(src) < 2:
+        return {"runner_up": None, "margin": None, "margin_se": None, "close": False}
+    chosen, runner = int(order[0]), int(order[1])
+
+    def best_pair(r: int) -> tuple[int, int]:
+        flat = int(np.argmax(means[r * k : (r + 1) * k]))
+        return r * k + flat // 2, flat % 2
+
+    delta = effects.delta(target).astype(np.float64)[:, :, src]
+    diff = delta[best_pair(chosen)] - delta[best_pair(runner)]
+    margin, se = float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
+    return {"runner_up": runner, "margin": margin, "margin_se": se, "close": margin < 2 * se}
 
 
 def format_ranking(ranked: Sequence[RankedDirection]) -> str:

@@ -264,11 +264,22 @@ def _restarts_line(sets: dict[str, Any]) -> str:
     if sets.get("n", 1) < 2:
         return ""
     best = ", ".join("none" if b is None else f"{b:+.3f}" for b in sets["best_mean_delta_p"])
-    return (
+    line = (
         f"Directions were trained {sets['n']} times from different random starts; the ranking "
         f"uses restart {sets['chosen']}, whose best edit raises p(target) most (each restart's "
         f"best edit: {best})."
     )
+    if sets.get("margin") is not None:
+        line += (
+            f" Per cell, its best edit raises p(target) by {sets['margin']:+.3f} ± "
+            f"{sets['margin_se']:.3f} (standard error) more than restart {sets['runner_up']}'s"
+        )
+        line += (
+            ": a close call, another sample of cells could rank the other set."
+            if sets.get("close")
+            else "."
+        )
+    return line
 
 
 def _gcd_section(root: Path) -> dict[str, Any] | None:
