@@ -197,7 +197,12 @@ def run_demo(out: Path, cfg: DemoConfig, device: torch.device, seed: int = 0) ->
         results[stage] = _brief(stage, result)
         write_json(
             _stage_marker(out, stage),
-            {"config": upstream, "result": results[stage], "seconds": timings[stage]},
+            {
+                "config": upstream,
+                "result": results[stage],
+                "seconds": timings[stage],
+                "threads": torch.get_num_threads(),  # results can depend on it (README)
+            },
         )
     summary = {"out": str(out.resolve()), "timings": timings, **results}
     write_json(out / "demo_summary.json", summary)
