@@ -3,12 +3,17 @@ autoencoder step) on this CPU at batch 32; with ``--classifier``, also one train
 demo's classifier (``small`` preset, batch 64, 48 px).
 
 Run: ``OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_unet_cpu.py [--preset cpu64] [--batch 32]
-[--no-channels-last] [--classifier]``
+[--no-channels-last] [--bf16] [--compile] [--classifier]``
+
+``--bf16`` runs the steps under bf16 autocast (as the autoencoder trains on a CPU with native
+bf16); ``--compile`` wraps the networks in ``torch.compile`` (its compile time is reported
+apart: the warm-up calls).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -20,7 +25,13 @@ from diffex.models.unet import UNET_PRESETS, UNet, count_parameters
 
 
 def time_step(
-    unet: UNet, encoder: SemanticEncoder, batch: int, repeats: int, channels_last: bool
+    unet: UNet,
+    encoder: SemanticEncoder,
+    batch: int,
+    repeats: int,
+    channels_last: bool,
+    bf16: bool = False,
+    compiled: bool = False,
 ) -> tuple[float, float]:
     """Median ms of (UNet fwd+bwd, encoder+UNet fwd+bwd) on random data."""
     cfg = unet.config
@@ -32,21 +43,32 @@ def time_step(
     t = torch.randint(0, 1000, (batch,))
     z = torch.randn(batch, cfg.z_dim)
     proj = torch.nn.Linear(encoder.config.out_dim, cfg.z_dim)
+    net: Callable = torch.compile(unet) if compiled else unet
+    enc: Callable = torch.compile(encoder) if compiled else encoder
+
+    def cast() -> contextlib.AbstractContextManager:
+        return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def unet_only() -> None:
-        unet(x, t, z).square().mean().backward()
+        with cast():
+            loss = net(x, t, z).float().square().mean()
+        loss.backward()
 
     def full() -> None:
-        unet(x, t, proj(encoder(x))).square().mean().backward()
+        with cast():
+            loss = net(x, t, proj(enc(x))).float().square().mean()
+        loss.backward()
 
     return median_ms(unet_only, repeats), median_ms(full, repeats)
 
 
 def median_ms(fn: Callable[[], None], repeats: int) -> float:
     """Median ms of ``fn`` over ``repeats`` calls after two warm-up calls (allocations, oneDNN
-    kernel selection)."""
+    kernel selection, compilation), whose time is printed."""
+    start = time.perf_counter()
     fn()
     fn()
+    print(f"  warm-up (2 calls): {time.perf_counter() - start:.1f} s")
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -79,6 +101,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-channels-last", action="store_true", help="keep NCHW layout")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the networks")
     parser.add_argument("--classifier", action="store_true", help="also time the classifier")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -90,8 +114,11 @@ def main() -> None:
         f"encoder {count_parameters(encoder):,} params"
     )
     channels_last = not args.no_channels_last
-    unet_ms, full_ms = time_step(unet, encoder, args.batch, args.repeats, channels_last)
+    unet_ms, full_ms = time_step(
+        unet, encoder, args.batch, args.repeats, channels_last, args.bf16, args.compile
+    )
     layout = "channels_last" if channels_last else "NCHW"
+    layout += (", bf16" if args.bf16 else ", fp32") + (", compiled" if args.compile else "")
     print(
         f"batch {args.batch}, {args.threads} threads, {layout}: UNet fwd+bwd {unet_ms:.0f} ms, "
         f"encoder+UNet fwd+bwd {full_ms:.0f} ms"

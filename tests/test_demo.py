@@ -132,15 +132,19 @@ def test_ranking_is_deterministic(demo_run: Path, tmp_path: Path) -> None:
 
 
 def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
-    """A directions marker written before ``restarts`` existed trained one set: it is done for
-    ``restarts = 1`` and stale for 2, in its own stage and in the stages after it."""
+    """A directions marker written before ``restarts`` and ``precision`` existed trained one set
+    in fp32: it is done for ``restarts = 1``, fp32, and stale for 2 or for bf16 (or auto), in its
+    own stage and in the stages after it."""
     from diffex.io.atomic import write_json
     from diffex.pipeline import _done
 
     old = {"seed": 0, "directions": {"k": 10, "alpha": 2.0}, "rank": {"m": 3}}
     write_json(tmp_path / ".stages" / "rank.json", {"config": old, "seconds": 1.0})
-    now = {**old, "directions": {"k": 10, "alpha": 2.0, "restarts": 1}}
+    now = {**old, "directions": {"k": 10, "alpha": 2.0, "restarts": 1, "precision": "fp32"}}
     assert _done(tmp_path, "rank", now)
     assert not _done(tmp_path, "rank", {**now, "directions": {**now["directions"], "restarts": 2}})
+    for precision in ("bf16", "auto"):
+        moved = {**now["directions"], "precision": precision}
+        assert not _done(tmp_path, "rank", {**now, "directions": moved})
     assert not _done(tmp_path, "rank", {**now, "rank": {"m": 4}})
     assert not _done(tmp_path, "explain", now)  # no marker

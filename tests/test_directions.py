@@ -6,7 +6,9 @@ import math
 
 import pytest
 import torch
+from test_autoencoder import _images, _make, _wake
 
+from diffex.diffusion import q_sample
 from diffex.errors import DiffexError
 from diffex.models.contrastive import (
     contrastive_accuracy,
@@ -19,7 +21,12 @@ from diffex.models.directions import (
     LatentEditor,
     LatentSpace,
 )
-from diffex.train.directions import DirectionTrainConfig, direction_sets
+from diffex.train.directions import (
+    DirectionTrainConfig,
+    direction_sets,
+    one_step_x0,
+    semantic_latents,
+)
 
 
 def test_paper_loss_matches_hand_computation() -> None:
@@ -85,6 +92,33 @@ def test_direction_sets_of_a_config() -> None:
         direction_sets({"train": {"k": 10, "restarts": 2}}, 10)
     with pytest.raises(DiffexError, match="restarts must be >= 1"):
         DirectionTrainConfig(restarts=0)
+    with pytest.raises(DiffexError, match="precision must be auto, fp32 or bf16, got 'fp16'"):
+        DirectionTrainConfig(precision="fp16")
+
+
+def test_bf16_one_step_decode_tracks_fp32() -> None:
+    """Under bf16 autocast the one-step decode really runs in bf16 (it differs from fp32), yet
+    the decoded images and the gradient that reaches z_sem stay close to fp32's."""
+    ae, _ = _make()
+    _wake(ae)
+    ae.eval().requires_grad_(False)
+    x = _images(8)
+    t = torch.full((8,), 50)
+    x_t = q_sample(
+        ae.schedule, x, t, torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    )
+    z0 = semantic_latents(ae, x)
+    out = {}
+    for bf16 in (False, True):
+        z = z0.clone().requires_grad_(True)
+        x0 = one_step_x0(ae, x_t, t, z, bf16)
+        assert x0.dtype == torch.float32 and float(x0.detach().abs().max()) <= 1.0
+        x0.square().mean().backward()
+        out[bf16] = (x0.detach(), z.grad)
+    (x32, g32), (x16, g16) = out[False], out[True]
+    assert not torch.equal(x32, x16)  # autocast took effect
+    assert float((x16 - x32).abs().mean()) < 0.01
+    assert float(torch.cosine_similarity(g32.flatten(), g16.flatten(), dim=0)) > 0.95
 
 
 @pytest.mark.parametrize("kind", ["nonlinear", "linear", "global"])

@@ -762,6 +762,14 @@ def _print_autoencoder(metrics: dict[str, Any], run: Path) -> None:
     "its frame or change the nucleus channel's gain (squared change in natural sds of real "
     "images; image objectives only, 0 = off).",
 )
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="auto: the one-step decodes and classifier features under bf16 autocast where the "
+    "hardware has native bf16 (recent GPUs; CPUs with AVX512-BF16 or AMX), else fp32.",
+)
 @_checkpoint_option(50)
 @pass_options
 def train_directions_cmd(opts: Options, run: Path, **kw: Any) -> None:

@@ -120,8 +120,8 @@ def _stage_marker(out: Path, stage: str) -> Path:
 
 
 #: Settings added after runs existed, with the value that reproduces what those runs did: a
-#: directions stage recorded without ``restarts`` trained one set.
-LEGACY_SETTINGS: dict[str, dict[str, Any]] = {"directions": {"restarts": 1}}
+#: directions stage recorded without ``restarts`` trained one set, and in fp32.
+LEGACY_SETTINGS: dict[str, dict[str, Any]] = {"directions": {"restarts": 1, "precision": "fp32"}}
 
 
 def _upgrade(config: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from diffex.models.nuisance import invariance_penalty, natural_spread
 from diffex.models.nuisance import names as nuisance_names
 from diffex.report.plots import training_curve
 from diffex.rundir import RunDir
+from diffex.runtime import native_bf16
 from diffex.train.autoencoder import load_autoencoder
 from diffex.train.loop import EpochSampler, LoopConfig, run_loop
 from diffex.train.resume import stage_resume, weights_digest
@@ -47,7 +48,11 @@ class DirectionTrainConfig:
     different random starts (restart r uses seed ``seed + 100 r`` for its initialisation, batch
     order and noise; restart 0 is the single set of ``restarts = 1``). The contrastive
     objective has several optima, and which one a start reaches decides which factors a set
-    finds; the rank stage keeps the set whose best edit moves the classifier most."""
+    finds; the rank stage keeps the set whose best edit moves the classifier most.
+
+    ``precision``: ``auto`` runs the one-step decodes (the UNet, most of a step's work) under
+    bf16 autocast where the hardware has native bf16, as the autoencoder trains; the features,
+    the direction models, the statistics and the losses stay fp32."""
 
     k: int = 10
     restarts: int = 2
@@ -65,8 +70,11 @@ class DirectionTrainConfig:
     eval_images: int = 32
     checkpoint_every: int = 50
     seed: int = 0
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.precision not in {"auto", "fp32", "bf16"}:
+            raise DiffexError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.objective not in OBJECTIVES:
             raise DiffexError(
                 f"objective {self.objective!r} must be one of {', '.join(OBJECTIVES)}"
@@ -109,6 +117,16 @@ def semantic_latents(ae: DiffusionAutoencoder, x: Tensor, batch_size: int = 256)
     return torch.cat(out)
 
 
+def one_step_x0(
+    ae: DiffusionAutoencoder, x_t: Tensor, t: Tensor, z: Tensor, bf16: bool = False
+) -> Tensor:
+    """The one-step estimate of x_0 from ``x_t`` given z_sem ``z``, clamped to [-1, 1], in fp32;
+    ``bf16`` runs the UNet under bf16 autocast."""
+    with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=bf16):
+        eps = ae.eps(x_t, t, z)
+    return predict_x0(ae.schedule, x_t, t, eps.float()).clamp(-1, 1)
+
+
 def edit_features(
     trainer: DirectionTrainer,
     ae: DiffusionAutoencoder,
@@ -120,12 +138,15 @@ def edit_features(
     generator: torch.Generator,
     spread: Tensor | None = None,
     gain_channel: int | None = None,
+    bf16: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Contrastive features of all K edits of a batch: (features (K*B, F), labels, units,
     invariance penalty). The penalty (:func:`diffex.models.nuisance.invariance_penalty` of the
     one-step decoded edits against the unedited one-step decode) is computed when ``spread``, the
     natural sd of the statistics, is given and the objective decodes images; else it is None.
-    ``gain_channel`` (the nucleus channel, if any) adds its gain to the statistics."""
+    ``gain_channel`` (the nucleus channel, if any) adds its gain to the statistics. ``bf16``
+    runs the one-step decodes under bf16 autocast; the features (whose differences between an
+    edit and its base are the contrast) and all else stay fp32."""
     editor = trainer.editor
     space, dirs = editor.space, editor.directions
     zs = space.standardise(z)
@@ -144,11 +165,10 @@ def edit_features(
     x_t = q_sample(ae.schedule, x, t, noise)
     z_raw = space.unstandardise(edited.reshape(k * b, -1))
     x_t_rep, t_rep = x_t.repeat(k, 1, 1, 1), t.repeat(k)
-    x0_edit = predict_x0(ae.schedule, x_t_rep, t_rep, ae.eps(x_t_rep, t_rep, z_raw)).clamp(-1, 1)
-    with torch.no_grad():
-        x0_base = predict_x0(ae.schedule, x_t, t, ae.eps(x_t, t, z)).clamp(-1, 1)
+    x0_edit = one_step_x0(ae, x_t_rep, t_rep, z_raw, bf16)
     phi = ae.classifier.features if objective == "classifier" else ae.encoder
     with torch.no_grad():
+        x0_base = one_step_x0(ae, x_t, t, z, bf16)
         base = phi(x0_base).float()
     feats = phi(x0_edit).float() - base.repeat(k, 1)
     penalty = None if spread is None else invariance_penalty(x0_edit, x0_base, spread, gain_channel)
@@ -190,6 +210,12 @@ def train_directions(
     z_held, x_held = semantic_latents(ae, held.x[:n_eval]), held.x[:n_eval]
     dcfg = DirectionModelConfig(z_dim=z_dim, k=cfg.k, kind=cfg.kind, hidden=cfg.hidden)
     upstream = weights_digest(rd, "autoencoder")
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if native_bf16(device) and cfg.objective != "paper" else "fp32"
+    bf16 = precision == "bf16"
+    if cfg.objective != "paper":
+        info(f"directions: {precision} one-step decoding ({cfg.precision})")
 
     def train_set(restart: int) -> tuple[DirectionTrainer, Any]:
         """One set of K directions from its own random start."""
@@ -212,6 +238,7 @@ def train_directions(
                 gen,
                 spread,
                 gain_channel,
+                bf16,
             )
             loss = contrastive_loss(feats, labels)
             out = {"contrastive": loss}
@@ -238,6 +265,7 @@ def train_directions(
                     torch.Generator().manual_seed(seed + 99),
                     spread,
                     gain_channel,
+                    bf16,
                 )
                 out = {
                     "heldout_loss": float(contrastive_loss(feats, labels)),
@@ -257,10 +285,10 @@ def train_directions(
             log_every=max(1, cfg.steps // 20),
         )
         extra = {"restart": str(restart)} if restart else {}
-        resume = stage_resume(
+        resume = stage_resume(  # the resolved precision: never resume bf16 steps in fp32
             rd,
             "directions",
-            cfg,
+            replace(cfg, precision=precision),
             {"noise": gen},
             name="checkpoint" if not restart else f"checkpoint_restart{restart}",
             autoencoder=upstream,
@@ -284,6 +312,7 @@ def train_directions(
     config = {
         "model": merged.editor.directions.config.to_dict(),
         "train": asdict(cfg),
+        "precision": precision,
         "n_classes": len(plan.classes),
         "classes": plan.classes,
     }
