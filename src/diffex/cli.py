@@ -767,8 +767,8 @@ def _print_autoencoder(metrics: dict[str, Any], run: Path) -> None:
     type=click.Choice(["auto", "fp32", "bf16"]),
     default="auto",
     show_default=True,
-    help="auto: the one-step decodes and classifier features under bf16 autocast where the "
-    "hardware has native bf16 (recent GPUs; CPUs with AVX512-BF16 or AMX), else fp32.",
+    help="auto: the one-step decodes under bf16 autocast where the hardware has native bf16 "
+    "(recent GPUs; CPUs with AVX512-BF16 or AMX), else fp32; features and losses stay fp32.",
 )
 @_checkpoint_option(50)
 @pass_options

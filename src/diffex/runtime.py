@@ -66,6 +66,14 @@ def native_bf16(device: torch.device | str) -> bool:
         return False
 
 
+def resolve_precision(choice: str, device: torch.device | str) -> str:
+    """``fp32`` or ``bf16`` for a precision setting: ``auto`` is bf16 where ``device`` computes
+    it natively (:func:`native_bf16`), else fp32."""
+    if choice != "auto":
+        return choice
+    return "bf16" if native_bf16(device) else "fp32"
+
+
 def to_channels_last(module: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
     """Convert a network's convolution weights to NHWC in place when channels_last is on."""
     if speed_on("channels_last", device):

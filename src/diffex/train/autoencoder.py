@@ -20,7 +20,7 @@ from diffex.models.protocol import Classifier
 from diffex.report.grids import reconstruction_grid
 from diffex.report.plots import training_curve
 from diffex.rundir import RunDir
-from diffex.runtime import native_bf16, to_channels_last
+from diffex.runtime import resolve_precision, to_channels_last
 from diffex.train.classifier import augment_batch, load_classifier
 from diffex.train.distributed import rank, training_pool
 from diffex.train.loop import EpochSampler, LoopConfig, run_loop
@@ -115,9 +115,7 @@ def train_autoencoder(
     n_params = sum(p.numel() for p in model.parameters())
     info(f"autoencoder: {n_params / 1e6:.2f} M parameters, {len(train.y)} training images")
 
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if native_bf16(device) else "fp32"
+    precision = resolve_precision(cfg.precision, device)
     info(f"autoencoder: {precision} training ({cfg.precision})")
     loop = LoopConfig(
         steps=cfg.steps,

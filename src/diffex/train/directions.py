@@ -34,7 +34,7 @@ from diffex.models.nuisance import invariance_penalty, natural_spread
 from diffex.models.nuisance import names as nuisance_names
 from diffex.report.plots import training_curve
 from diffex.rundir import RunDir
-from diffex.runtime import native_bf16
+from diffex.runtime import resolve_precision
 from diffex.train.autoencoder import load_autoencoder
 from diffex.train.loop import EpochSampler, LoopConfig, run_loop
 from diffex.train.resume import stage_resume, weights_digest
@@ -210,9 +210,7 @@ def train_directions(
     z_held, x_held = semantic_latents(ae, held.x[:n_eval]), held.x[:n_eval]
     dcfg = DirectionModelConfig(z_dim=z_dim, k=cfg.k, kind=cfg.kind, hidden=cfg.hidden)
     upstream = weights_digest(rd, "autoencoder")
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if native_bf16(device) and cfg.objective != "paper" else "fp32"
+    precision = "fp32" if cfg.objective == "paper" else resolve_precision(cfg.precision, device)
     bf16 = precision == "bf16"
     if cfg.objective != "paper":
         info(f"directions: {precision} one-step decoding ({cfg.precision})")
