@@ -166,3 +166,12 @@ def test_bad_orientation_in_dataset_json(
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
     assert "dataset.json" in err and "sideways" in err
+
+
+def test_output_path_under_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An output folder that cannot be made (a file is in the way) is one line naming it."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    out = blocker / "data"
+    code, err = run_cli(["synth", "--out", str(out), "--n", "4", "--size", "32"], capsys)
+    assert_one_line_error(code, err, str(out), "Not a directory")

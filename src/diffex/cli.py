@@ -1272,6 +1272,11 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except OSError as exc:  # a path that cannot be read or written: name it, no traceback
+        where = exc.filename if exc.filename is not None else ""
+        reason = exc.strerror or str(exc)
+        click.echo(f"error: {where}: {reason}" if where else f"error: {reason}", err=True)
+        return 2
     except click.ClickException as exc:
         exc.show()
         return 2
