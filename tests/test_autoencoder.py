@@ -171,6 +171,27 @@ def test_a_few_steps_reduce_the_loss():
     assert losses[-1] < 0.95 * losses[0] and losses[-1] < min(losses[:5])
 
 
+def test_bf16_decodes_track_fp32():
+    """``decode_bf16`` runs the UNet of DDIM inversion and decoding under bf16 autocast (the
+    results differ from fp32's) while z_sem and the DDIM state stay fp32, and the round trips
+    stay close to fp32's."""
+    ae, _ = _make()
+    _wake(ae)
+    x = _images(6)
+    out = {}
+    for bf16 in (False, True):
+        ae.decode_bf16 = bf16
+        z, x_T = ae.encode(x, steps=8)
+        rec = ae.decode(z, x_T, steps=8)
+        assert z.dtype == x_T.dtype == rec.dtype == torch.float32
+        out[bf16] = (z, x_T, rec)
+    (z32, xT32, r32), (z16, xT16, r16) = out[False], out[True]
+    assert torch.equal(z32, z16)  # the encoder and the classifier are not autocast
+    assert not torch.equal(r32, r16)  # autocast took effect
+    assert float((xT16 - xT32).abs().mean()) < 0.01
+    assert float((r16 - r32).abs().mean()) < 0.01
+
+
 def test_encode_decode_shapes_batching_determinism():
     ae, _ = _make()
     _wake(ae)

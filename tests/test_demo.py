@@ -140,11 +140,55 @@ def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
 
     old = {"seed": 0, "directions": {"k": 10, "alpha": 2.0}, "rank": {"m": 3}}
     write_json(tmp_path / ".stages" / "rank.json", {"config": old, "seconds": 1.0})
-    now = {**old, "directions": {"k": 10, "alpha": 2.0, "restarts": 1, "precision": "fp32"}}
+    now = {
+        **old,
+        "directions": {"k": 10, "alpha": 2.0, "restarts": 1, "precision": "fp32"},
+        "rank": {"m": 3, "precision": "fp32"},  # rank's own legacy setting (fp32 decodes)
+    }
     assert _done(tmp_path, "rank", now)
     assert not _done(tmp_path, "rank", {**now, "directions": {**now["directions"], "restarts": 2}})
     for precision in ("bf16", "auto"):
         moved = {**now["directions"], "precision": precision}
         assert not _done(tmp_path, "rank", {**now, "directions": moved})
-    assert not _done(tmp_path, "rank", {**now, "rank": {"m": 4}})
+    assert not _done(tmp_path, "rank", {**now, "rank": {"m": 4, "precision": "fp32"}})
     assert not _done(tmp_path, "explain", now)  # no marker
+
+
+def test_marker_from_before_decode_precision_means_fp32(tmp_path: Path) -> None:
+    """Rank, explain and evaluate markers written before their ``precision`` existed decoded in
+    fp32: done for fp32, stale for bf16 or auto."""
+    from diffex.io.atomic import write_json
+    from diffex.pipeline import _done
+
+    old = {"seed": 0, "rank": {"m": 3}, "explain": {"n_cells": 4}, "evaluate": {"n_images": 8}}
+    write_json(tmp_path / ".stages" / "evaluate.json", {"config": old, "seconds": 1.0})
+    for stage in ("rank", "explain", "evaluate"):
+        now = {
+            **old,
+            **{s: {**old[s], "precision": "fp32"} for s in ("rank", "explain", "evaluate")},
+        }
+        assert _done(tmp_path, "evaluate", now)
+        for precision in ("bf16", "auto"):
+            moved = {**now, stage: {**now[stage], "precision": precision}}
+            assert not _done(tmp_path, "evaluate", moved), (stage, precision)
+
+
+def test_decode_precision_is_recorded_and_validated(demo_run: Path) -> None:
+    """The stages record the precision their decodes ran in (``auto`` resolved for this
+    machine); a precision other than auto, fp32 or bf16 is a one-line error."""
+    from diffex.errors import DiffexError
+    from diffex.evaluate.run import EvaluateConfig
+    from diffex.explain.explain import ExplainConfig
+    from diffex.explain.rank import RankConfig
+    from diffex.runtime import resolve_precision
+    from diffex.train.autoencoder import load_autoencoder
+
+    resolved = resolve_precision("auto", "cpu")
+    assert read_json(demo_run / "ranking.json")["precision"] == resolved
+    assert read_json(demo_run / "explanations" / "summary.json")["precision"] == resolved
+    assert read_json(demo_run / "evaluation.json")["precision"] == resolved
+    for precision, bf16 in (("fp32", False), ("bf16", True), ("auto", resolved == "bf16")):
+        assert load_autoencoder(demo_run, "cpu", precision=precision).decode_bf16 is bf16
+    for config in (RankConfig, ExplainConfig, EvaluateConfig):
+        with pytest.raises(DiffexError, match="precision must be auto, fp32 or bf16"):
+            config(precision="fp16")

@@ -299,6 +299,23 @@ def prepare_digits_cmd(out: Path, digits: str, size: int) -> None:
     click.echo(f"digits: {', '.join(f'{k}: {v}' for k, v in counts.items())} in {out}")
 
 
+_NATIVE_BF16 = "where the hardware has native bf16 (recent GPUs; CPUs with AVX512-BF16 or AMX)"
+_DECODE_PRECISION = (
+    f"auto: the UNet of the DDIM decodes under bf16 autocast {_NATIVE_BF16}, else fp32; the "
+    "classifier and the measurements stay fp32."
+)
+
+
+def _precision_option(help_text: str) -> Any:
+    return click.option(
+        "--precision",
+        type=click.Choice(["auto", "fp32", "bf16"]),
+        default="auto",
+        show_default=True,
+        help=help_text,
+    )
+
+
 def _checkpoint_option(default: int) -> Any:
     return click.option(
         "--checkpoint-every",
@@ -585,14 +602,7 @@ def _autoencoder_options(f: Any) -> Any:
             show_default=True,
             help="Split each batch into N micro-batches (same result, less GPU memory).",
         ),
-        click.option(
-            "--precision",
-            type=click.Choice(["auto", "fp32", "bf16"]),
-            default="auto",
-            show_default=True,
-            help="auto: bf16 autocast where the hardware has native bf16 (recent GPUs; CPUs with "
-            "AVX512-BF16 or AMX), else fp32.",
-        ),
+        _precision_option(f"auto: bf16 autocast {_NATIVE_BF16}, else fp32."),
         click.option(
             "--classifier-output",
             type=click.Choice(["probs", "logits", "features"]),
@@ -762,13 +772,9 @@ def _print_autoencoder(metrics: dict[str, Any], run: Path) -> None:
     "its frame or change the nucleus channel's gain (squared change in natural sds of real "
     "images; image objectives only, 0 = off).",
 )
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "bf16"]),
-    default="auto",
-    show_default=True,
-    help="auto: the one-step decodes under bf16 autocast where the hardware has native bf16 "
-    "(recent GPUs; CPUs with AVX512-BF16 or AMX), else fp32; features and losses stay fp32.",
+@_precision_option(
+    f"auto: the one-step decodes under bf16 autocast {_NATIVE_BF16}, else fp32; features and "
+    "losses stay fp32."
 )
 @_checkpoint_option(50)
 @pass_options
@@ -857,6 +863,7 @@ def train_directions_cmd(opts: Options, run: Path, **kw: Any) -> None:
     is_flag=True,
     help="Rank directions the artifact guard flags (noise, background) too.",
 )
+@_precision_option(_DECODE_PRECISION)
 @pass_options
 def rank_cmd(opts: Options, run: Path, **kw: Any) -> None:
     """Rank the directions by how much they move the classifier towards the target (AttFind).
@@ -937,6 +944,7 @@ def _print_ranking(result: dict[str, Any]) -> None:
     show_default=True,
     help="Morphology readout (needs cell images with nucleus/actin/spots channels).",
 )
+@_precision_option(_DECODE_PRECISION)
 @pass_options
 def explain_cmd(opts: Options, run: Path, **kw: Any) -> None:
     """Show each ranked direction: strips over alpha, a GIF, the probability curve, a
@@ -1004,6 +1012,7 @@ def explain_cmd(opts: Options, run: Path, **kw: Any) -> None:
     help="Add another run's evaluation (same data, classifier and autoencoder) to the "
     "side-by-side table, e.g. paper=runs/demo_paper. Repeatable.",
 )
+@_precision_option(_DECODE_PRECISION)
 @pass_options
 def evaluate_cmd(
     opts: Options, run: Path, method: str, compare: tuple[str, ...], **kw: Any

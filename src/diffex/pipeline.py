@@ -120,8 +120,12 @@ def _stage_marker(out: Path, stage: str) -> Path:
 
 
 #: Settings added after runs existed, with the value that reproduces what those runs did: a
-#: directions stage recorded without ``restarts`` trained one set, and in fp32.
-LEGACY_SETTINGS: dict[str, dict[str, Any]] = {"directions": {"restarts": 1, "precision": "fp32"}}
+#: directions stage recorded without ``restarts`` trained one set, and in fp32; rank, explain
+#: and evaluate recorded without ``precision`` decoded in fp32.
+LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
+    "directions": {"restarts": 1, "precision": "fp32"},
+    **{stage: {"precision": "fp32"} for stage in ("rank", "explain", "evaluate")},
+}
 
 
 def _upgrade(config: dict[str, Any]) -> dict[str, Any]:

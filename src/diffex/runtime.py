@@ -66,9 +66,19 @@ def native_bf16(device: torch.device | str) -> bool:
         return False
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def check_precision(choice: str) -> None:
+    """A one-line error for a precision setting other than auto, fp32 or bf16."""
+    if choice not in PRECISIONS:
+        raise DiffexError(f"precision must be auto, fp32 or bf16, got {choice!r}")
+
+
 def resolve_precision(choice: str, device: torch.device | str) -> str:
     """``fp32`` or ``bf16`` for a precision setting: ``auto`` is bf16 where ``device`` computes
     it natively (:func:`native_bf16`), else fp32."""
+    check_precision(choice)
     if choice != "auto":
         return choice
     return "bf16" if native_bf16(device) else "fp32"

@@ -30,6 +30,7 @@ from diffex.io.atomic import read_json, write_json
 from diffex.log import info, track, warn
 from diffex.models.autoencoder import DiffusionAutoencoder
 from diffex.rundir import RunDir
+from diffex.runtime import check_precision
 from diffex.train.autoencoder import load_autoencoder
 from diffex.train.resume import file_digest
 
@@ -38,7 +39,10 @@ SCHEMA_VERSION = 2  # 2: ground_truth.leakage_forward and worst_leak_forward
 
 @dataclass
 class EvaluateConfig:
-    """Settings of ``diffex evaluate``."""
+    """Settings of ``diffex evaluate``.
+
+    ``precision``: auto, fp32 or bf16 DDIM decodes (the UNet under bf16 autocast; ``auto``:
+    where the hardware has native bf16); the classifier, measurements and statistics stay fp32."""
 
     n_images: int = 64
     ddim_steps: int = 20
@@ -50,8 +54,10 @@ class EvaluateConfig:
     kid_subsets: int = 50
     sensitivity_cells: int = 256
     seed: int = 0
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         for name in ("n_images", "ddim_steps", "batch_size", "cout_steps", "kid_subsets"):
             if getattr(self, name) < 1:
                 raise DiffexError(f"evaluate: {name} must be >= 1, got {getattr(self, name)}")
@@ -203,7 +209,7 @@ def evaluate_run(
     for other in (compare or {}).values():  # before any work, so a bad --compare loses nothing
         check_comparable(rd.root, Path(other))
     dset = load_direction_set(run, method, device)
-    ae = load_autoencoder(run, device)
+    ae = load_autoencoder(run, device, precision=cfg.precision)
     target = dset.target
     space = dset.space
     out_dir = dset.folder / "evaluation"
@@ -213,6 +219,7 @@ def evaluate_run(
         "target_class": plan.classes[target],
         "alpha": float(dset.ranking["alpha"]),
         "config": asdict(cfg),
+        "precision": "bf16" if ae.decode_bf16 else "fp32",
     }
     split = heldout_split(plan)
     held = load_split(plan, split)  # fidelity, source cells and real target cells all come from it

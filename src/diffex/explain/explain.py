@@ -35,12 +35,16 @@ from diffex.log import info, track
 from diffex.models.autoencoder import DiffusionAutoencoder
 from diffex.models.directions import LatentSpace
 from diffex.rundir import RunDir
+from diffex.runtime import check_precision
 from diffex.train.autoencoder import load_autoencoder
 
 
 @dataclass
 class ExplainConfig:
-    """Settings of the explanation stage."""
+    """Settings of the explanation stage.
+
+    ``precision``: auto, fp32 or bf16 DDIM decodes (the UNet under bf16 autocast; ``auto``:
+    where the hardware has native bf16); the classifier, measurements and statistics stay fp32."""
 
     n_cells: int = 24
     n_strip: int = 6
@@ -50,8 +54,10 @@ class ExplainConfig:
     reference: bool = True
     measure: bool = True
     seed: int = 0
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         if self.n_alphas < 3 or self.n_alphas % 2 == 0:
             raise DiffexError(f"n_alphas must be odd and >= 3 (it includes 0), got {self.n_alphas}")
         if self.n_cells < 2:
@@ -124,7 +130,7 @@ def explain_run(
     rd = RunDir(run)
     plan = rd.load_plan()
     dset = load_direction_set(run, method, device, reference=cfg.reference)
-    ae = load_autoencoder(run, device)
+    ae = load_autoencoder(run, device, precision=cfg.precision)
     target = dset.target
     target_name = dset.ranking["target_class"]
     x, keys = source_images(plan, target, cfg.n_cells, cfg.seed + 1)
@@ -140,6 +146,7 @@ def explain_run(
         "target_class": target_name,
         "alphas": (float(dset.ranking["alpha"]) * np.linspace(-1, 1, cfg.n_alphas)).tolist(),
         "n_cells": len(x),
+        "precision": "bf16" if ae.decode_bf16 else "fp32",
         "spot_floor": spot_floor,
         "items": [],
     }

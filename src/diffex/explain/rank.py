@@ -30,13 +30,17 @@ from diffex.log import info, warn
 from diffex.models.autoencoder import DiffusionAutoencoder
 from diffex.models.directions import LatentEditor
 from diffex.rundir import RunDir
+from diffex.runtime import check_precision
 from diffex.train.autoencoder import load_autoencoder
 from diffex.train.directions import direction_sets, load_editor
 
 
 @dataclass
 class RankConfig:
-    """Settings of the ranking stage."""
+    """Settings of the ranking stage.
+
+    ``precision``: auto, fp32 or bf16 DDIM decodes (the UNet under bf16 autocast; ``auto``:
+    where the hardware has native bf16); the classifier, measurements and statistics stay fp32."""
 
     target: str | None = None
     alpha: float | None = None
@@ -54,8 +58,10 @@ class RankConfig:
     calibration_steps: int = 4
     calibration_ddim_steps: int = 10
     seed: int = 0
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         if self.flip_target is not None and not 0 < self.flip_target <= 1:
             raise DiffexError(f"flip_target must be in (0, 1], got {self.flip_target}")
         if min(self.calibration_images, self.calibration_steps, self.calibration_ddim_steps) < 1:
@@ -143,7 +149,7 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
     rd = RunDir(run)
     plan = rd.load_plan()
     target = resolve_target(plan, cfg.target)
-    ae = load_autoencoder(run, device)
+    ae = load_autoencoder(run, device, precision=cfg.precision)
     editor = load_editor(run, device)
     dcfg = read_json(rd.stage("directions") / "config.json")
     alpha = float(cfg.alpha if cfg.alpha is not None else dcfg["train"]["alpha"])
@@ -222,6 +228,7 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
         "alpha": alpha,
         "n_images": len(x),
         "ddim_steps": cfg.ddim_steps,
+        "precision": "bf16" if ae.decode_bf16 else "fp32",
         "source_classes": [c for i, c in enumerate(plan.classes) if i != target],
         "directions": ranked_dicts,
         "stop_reason": ranked.stop_reason,

@@ -194,6 +194,8 @@ class DiffusionAutoencoder(nn.Module):
         self.schedule = Schedule.from_config(
             config.schedule, config.T, config.beta_start, config.beta_end
         )
+        #: Run the UNet of encode/decode under bf16 autocast (the DDIM state stays fp32).
+        self.decode_bf16 = False
 
     # ------------------------------------------------------------------ classifier plumbing
     @property
@@ -249,7 +251,13 @@ class DiffusionAutoencoder(nn.Module):
         assert z is not None
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        return self.eps(x_t, t, z)
+        if not self.decode_bf16:
+            return self.eps(x_t, t, z)
+        with torch.autocast(x_t.device.type, dtype=torch.bfloat16):
+            out = self.unet(x_t, t, z).float()
+        if self.config.prediction == "v":
+            return eps_from_v(self.schedule, x_t, t, out)
+        return out
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:

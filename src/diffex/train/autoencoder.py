@@ -20,7 +20,7 @@ from diffex.models.protocol import Classifier
 from diffex.report.grids import reconstruction_grid
 from diffex.report.plots import training_curve
 from diffex.rundir import RunDir
-from diffex.runtime import resolve_precision, to_channels_last
+from diffex.runtime import check_precision, resolve_precision, to_channels_last
 from diffex.train.classifier import augment_batch, load_classifier
 from diffex.train.distributed import rank, training_pool
 from diffex.train.loop import EpochSampler, LoopConfig, run_loop
@@ -68,8 +68,7 @@ class AutoencoderTrainConfig:
             raise DiffexError(
                 f"consistency_fraction must be in (0, 1], got {self.consistency_fraction}"
             )
-        if self.precision not in {"auto", "fp32", "bf16"}:
-            raise DiffexError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        check_precision(self.precision)
 
     def consistency_at(self, step: int) -> float:
         """Consistency weight at ``step``: 0 before ``consistency_start``, then a linear ramp."""
@@ -254,9 +253,16 @@ def evaluate_autoencoder(
 
 
 def load_autoencoder(
-    run: str | Path, device: torch.device | str = "cpu", classifier: Classifier | None = None
+    run: str | Path,
+    device: torch.device | str = "cpu",
+    classifier: Classifier | None = None,
+    precision: str = "fp32",
 ) -> DiffusionAutoencoder:
-    """Load a run's trained autoencoder (EMA weights) with its classifier, in eval mode."""
+    """Load a run's trained autoencoder (EMA weights) with its classifier, in eval mode.
+
+    ``precision`` (auto, fp32 or bf16) of its DDIM inversion and decoding: bf16 runs the UNet
+    under autocast (``auto``: where the hardware has native bf16); the DDIM state, the encoder
+    and the classifier stay fp32."""
     rd = RunDir(run)
     folder = rd.require("autoencoder")
     cfg = load_config(folder)
@@ -267,6 +273,7 @@ def load_autoencoder(
     model = DiffusionAutoencoder(mcfg, classifier)
     load_state(model, folder / "model.safetensors")
     model.to(device).eval()
+    model.decode_bf16 = resolve_precision(precision, device) == "bf16"
     to_channels_last(model.encoder, device)
     to_channels_last(model.unet, device)
     return model

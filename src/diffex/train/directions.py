@@ -34,7 +34,7 @@ from diffex.models.nuisance import invariance_penalty, natural_spread
 from diffex.models.nuisance import names as nuisance_names
 from diffex.report.plots import training_curve
 from diffex.rundir import RunDir
-from diffex.runtime import resolve_precision
+from diffex.runtime import check_precision, resolve_precision
 from diffex.train.autoencoder import load_autoencoder
 from diffex.train.loop import EpochSampler, LoopConfig, run_loop
 from diffex.train.resume import stage_resume, weights_digest
@@ -73,8 +73,7 @@ class DirectionTrainConfig:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.precision not in {"auto", "fp32", "bf16"}:
-            raise DiffexError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        check_precision(self.precision)
         if self.objective not in OBJECTIVES:
             raise DiffexError(
                 f"objective {self.objective!r} must be one of {', '.join(OBJECTIVES)}"
