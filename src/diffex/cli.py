@@ -309,7 +309,7 @@ _DECODE_PRECISION = (
 def _precision_option(help_text: str) -> Any:
     return click.option(
         "--precision",
-        type=click.Choice(["auto", "fp32", "bf16"]),
+        type=click.Choice(["auto", "fp32", "bf16"]),  # runtime.PRECISIONS (no torch import here)
         default="auto",
         show_default=True,
         help=help_text,

@@ -219,7 +219,7 @@ def evaluate_run(
         "target_class": plan.classes[target],
         "alpha": float(dset.ranking["alpha"]),
         "config": asdict(cfg),
-        "precision": "bf16" if ae.decode_bf16 else "fp32",
+        "precision": ae.decode_precision,
     }
     split = heldout_split(plan)
     held = load_split(plan, split)  # fidelity, source cells and real target cells all come from it

@@ -146,7 +146,7 @@ def explain_run(
         "target_class": target_name,
         "alphas": (float(dset.ranking["alpha"]) * np.linspace(-1, 1, cfg.n_alphas)).tolist(),
         "n_cells": len(x),
-        "precision": "bf16" if ae.decode_bf16 else "fp32",
+        "precision": ae.decode_precision,
         "spot_floor": spot_floor,
         "items": [],
     }

@@ -228,7 +228,7 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
         "alpha": alpha,
         "n_images": len(x),
         "ddim_steps": cfg.ddim_steps,
-        "precision": "bf16" if ae.decode_bf16 else "fp32",
+        "precision": ae.decode_precision,
         "source_classes": [c for i, c in enumerate(plan.classes) if i != target],
         "directions": ranked_dicts,
         "stop_reason": ranked.stop_reason,

@@ -254,10 +254,12 @@ class DiffusionAutoencoder(nn.Module):
         if not self.decode_bf16:
             return self.eps(x_t, t, z)
         with torch.autocast(x_t.device.type, dtype=torch.bfloat16):
-            out = self.unet(x_t, t, z).float()
-        if self.config.prediction == "v":
-            return eps_from_v(self.schedule, x_t, t, out)
-        return out
+            return self.eps(x_t, t, z).float()  # v -> eps in fp32: x_t is fp32, bf16 promotes
+
+    @property
+    def decode_precision(self) -> str:
+        """``bf16`` or ``fp32``: what the UNet of encode/decode runs in."""
+        return "bf16" if self.decode_bf16 else "fp32"
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
