@@ -104,10 +104,10 @@ def demo_preset(name: str, seed: int = 0) -> DemoConfig:
                 seed=seed,
             ),
             # alpha = 2.5 class gaps: at 1.5 the top direction flipped 0.39 of control cells
-            # and at 2 about half, but a weak seed (1) flipped 0.42 and moved actin with
-            # |rho| 0.54; at 2.5 it flipped 0.55 (|rho| 0.62), and at 3 a nuisance factor,
-            # cell area, moved with |rho| 0.39 (BENCHMARKS: "Edit size"). Calibration still
-            # shrinks each edit to the smallest that matches the classifier's recall.
+            # and at 2 about half, but seed 1 flipped 0.42 and recovered no factor; trained at
+            # 2.5 it flips 0.80 and recovers actin and nucleus, and at 3 a nuisance factor
+            # (cell area) moved (BENCHMARKS: "Edit size"). Calibration still shrinks each edit
+            # to the smallest that matches the classifier's recall.
             # 120 steps and a ranking screened at 10 DDIM steps (the evaluation re-measures the
             # ranked edits at 20) keep the demo under 20 minutes on 2 cores.
             directions=DirectionTrainConfig(alpha=2.5, steps=120, seed=seed),
