@@ -79,6 +79,7 @@ def test_quick_demo_writes_every_stage(demo_run: Path) -> None:
         cal = entry["calibration"]
         assert cal["criterion"].startswith("share called treated")
         assert 0 < cal["goal"] <= 1
+        assert 0 < cal["images"] <= ranking["config"]["calibration_images"]
         assert 0 < entry["alpha"] <= ranking["alpha"]
         hits = [t["alpha"] for t in cal["trace"] if t["rate"] >= cal["goal"]]
         assert (min(hits) == entry["alpha"]) if cal["reached"] else not hits

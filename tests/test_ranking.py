@@ -418,6 +418,10 @@ def test_rank_refuses_a_bad_max_cosine(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "--max-cosine" in err and "Traceback" not in err
+    code = main(["rank", "--run", str(tmp_path), "--calibration-images", "0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--calibration-images" in err and "Traceback" not in err
 
 
 def test_best_restart_keeps_the_set_with_the_strongest_edit() -> None:

@@ -843,6 +843,14 @@ def train_directions_cmd(opts: Options, run: Path, **kw: Any) -> None:
     "calls real target cells the target].",
 )
 @click.option(
+    "--calibration-images",
+    type=click.IntRange(1),
+    default=32,
+    show_default=True,
+    help="Validation cells of the other classes that the calibration edits (more: a finer "
+    "share, slower).",
+)
+@click.option(
     "--min-explained",
     type=click.FloatRange(0, 1),
     default=0.05,

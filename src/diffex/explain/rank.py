@@ -383,6 +383,7 @@ def calibrate_alphas(
         entry["calibration"] = {
             "criterion": criterion,
             "goal": goal,
+            "images": len(x),
             "reached": res["reached"],
             "trace": res["trace"],
         }
