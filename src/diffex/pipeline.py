@@ -112,7 +112,7 @@ def demo_preset(name: str, seed: int = 0) -> DemoConfig:
             # background moved with |rho| 0.304; at 0.5 the edits of seeds 0 and 1 got too weak
             # to recover a factor; at 0.4 seeds 0 to 2 pass (BENCHMARKS: "Invariance weight").
             # 120 steps and a ranking screened at 10 DDIM steps (the evaluation re-measures the
-            # ranked edits at 20) save time: the demo took 19 to 30 minutes on 2-core EPYCs.
+            # ranked edits at 20) save time: the demo took 19 to 38 minutes on 2-core EPYCs.
             directions=DirectionTrainConfig(alpha=2.5, steps=120, invariance=0.4, seed=seed),
             rank=RankConfig(ddim_steps=10, seed=seed),
             explain=ExplainConfig(seed=seed),
