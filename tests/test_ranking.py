@@ -408,7 +408,8 @@ def test_duplicate_directions_are_ranked_once():
         attfind(eff, 1, M=1, shifts=shifts, max_cosine=0.0)
 
 
-def test_rank_refuses_a_bad_max_cosine(tmp_path, capsys):
+def test_rank_refuses_bad_option_values(tmp_path, capsys):
+    """A bad --max-cosine or --calibration-images exits 2 with the option named."""
     from diffex.cli import main
     from diffex.explain.rank import RankConfig
 
