@@ -9,6 +9,7 @@ import torch
 from conftest import make_blob_folder
 
 from diffex.io.atomic import read_json
+from diffex.runtime import resolve_precision
 from diffex.train.autoencoder import AutoencoderTrainConfig, load_autoencoder, train_autoencoder
 from diffex.train.classifier import ClassifierTrainConfig, train_classifier
 
@@ -55,6 +56,8 @@ def test_stage_writes_files_and_metrics(trained_run: tuple[Path, dict]) -> None:
     for part in ("roundtrip", "semantic_only"):
         for key in ("psnr", "ssim", "mse", "agreement", "kl", "per_class_agreement"):
             assert key in saved[part], (part, key)
+    # round trips decode in the precision the autoencoder trained in, as rank and explain do
+    assert saved["precision"] == resolve_precision("auto", torch.device("cpu"))
     # the exact round trip is far closer than decoding from z with fresh noise
     assert metrics["roundtrip"]["psnr"] > metrics["semantic_only"]["psnr"] + 5
     # the loss fell during training

@@ -689,7 +689,8 @@ def train_autoencoder_cmd(opts: Options, run: Path, **kw: Any) -> None:
 
     z_sem = Linear([classifier output; encoder(x)]) conditions every UNet block. After training,
     the EMA weights are evaluated on held-out images: decode(encode(x)) and decode(z, noise)
-    (PSNR, SSIM, classifier agreement), written to RUN/autoencoder/metrics.json with
+    (PSNR, SSIM, classifier agreement; the UNet decodes in the precision it trained in, as
+    rank, explain and evaluate do), written to RUN/autoencoder/metrics.json with
     reconstructions.png, training_curve.png and sample grids in RUN/autoencoder/samples/.
     """
     from diffex.train.autoencoder import train_autoencoder

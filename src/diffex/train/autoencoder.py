@@ -150,6 +150,7 @@ def train_autoencoder(
     preview, plabels = held_x[pidx], [plan.classes[int(held_y[i])] for i in pidx]
 
     def sample_grid(step: int, m: torch.nn.Module) -> None:
+        m.decode_bf16 = precision == "bf16"  # previews decode as the later stages do
         recon, zonly = _roundtrips(m, preview, steps=20, seed=cfg.seed)
         reconstruction_grid(
             preview,
@@ -186,10 +187,17 @@ def train_autoencoder(
     }
     save_module(out, ema, config)
 
-    info(f"autoencoder: evaluating on {len(held_y)} held-out images ({cfg.ddim_steps} DDIM steps)")
+    # Round trips decode as rank, explain and evaluate do: the UNet under bf16 autocast where
+    # the autoencoder trained in bf16 (BENCHMARKS: "bf16 round trips in the autoencoder stage").
+    ema.decode_bf16 = precision == "bf16"
+    info(
+        f"autoencoder: evaluating on {len(held_y)} held-out images ({cfg.ddim_steps} DDIM steps, "
+        f"{ema.decode_precision} decodes)"
+    )
     metrics = evaluate_autoencoder(
         ema, classifier, held_x, held_y, plan, cfg.ddim_steps, cfg.seed, out / "reconstructions.png"
     )
+    metrics["precision"] = ema.decode_precision
     metrics["train_seconds"] = round(result.seconds, 1)
     metrics["steps"] = cfg.steps
     metrics["images_seen"] = cfg.steps * min(cfg.batch_size, len(train.y))
