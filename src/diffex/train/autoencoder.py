@@ -116,6 +116,10 @@ def train_autoencoder(
 
     precision = resolve_precision(cfg.precision, device)
     info(f"autoencoder: {precision} training ({cfg.precision})")
+    # Previews and the final round trips decode as rank, explain and evaluate do: the UNet under
+    # bf16 autocast where it trained in bf16 (BENCHMARKS: "bf16 round trips in the autoencoder
+    # stage").
+    decode_bf16 = precision == "bf16"
     loop = LoopConfig(
         steps=cfg.steps,
         lr=cfg.lr,
@@ -150,7 +154,7 @@ def train_autoencoder(
     preview, plabels = held_x[pidx], [plan.classes[int(held_y[i])] for i in pidx]
 
     def sample_grid(step: int, m: torch.nn.Module) -> None:
-        m.decode_bf16 = precision == "bf16"  # previews decode as the later stages do
+        m.decode_bf16 = decode_bf16
         recon, zonly = _roundtrips(m, preview, steps=20, seed=cfg.seed)
         reconstruction_grid(
             preview,
@@ -187,9 +191,7 @@ def train_autoencoder(
     }
     save_module(out, ema, config)
 
-    # Round trips decode as rank, explain and evaluate do: the UNet under bf16 autocast where
-    # the autoencoder trained in bf16 (BENCHMARKS: "bf16 round trips in the autoencoder stage").
-    ema.decode_bf16 = precision == "bf16"
+    ema.decode_bf16 = decode_bf16
     info(
         f"autoencoder: evaluating on {len(held_y)} held-out images ({cfg.ddim_steps} DDIM steps, "
         f"{ema.decode_precision} decodes)"
@@ -197,7 +199,6 @@ def train_autoencoder(
     metrics = evaluate_autoencoder(
         ema, classifier, held_x, held_y, plan, cfg.ddim_steps, cfg.seed, out / "reconstructions.png"
     )
-    metrics["precision"] = ema.decode_precision
     metrics["train_seconds"] = round(result.seconds, 1)
     metrics["steps"] = cfg.steps
     metrics["images_seen"] = cfg.steps * min(cfg.batch_size, len(train.y))
@@ -235,7 +236,11 @@ def evaluate_autoencoder(
 ) -> dict[str, Any]:
     """Round-trip and semantic-only fidelity on held-out images, overall and per condition."""
     recon, zonly = _roundtrips(model, x, steps, seed)
-    metrics: dict[str, Any] = {"n_images": len(y), "ddim_steps": steps}
+    metrics: dict[str, Any] = {
+        "n_images": len(y),
+        "ddim_steps": steps,
+        "precision": model.decode_precision,
+    }
     for name, copy in (("roundtrip", recon), ("semantic_only", zonly)):
         m = pixel_metrics(x, copy)
         m.update(classifier_agreement(classifier, x, copy))
