@@ -18,16 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffex.explain.guard import artifact_flags, artifact_measures, reference_spread
 from diffex.explain.latents import encode_cached
 from diffex.explain.rank import RankConfig, decoder, prober, resolve_target, source_images
-from diffex.explain.ranking import (
-    SIGNS,
-    artifact_flags,
-    artifact_measures,
-    best_restart,
-    edit_effects,
-    reference_spread,
-)
+from diffex.explain.ranking import SIGNS, best_restart, edit_effects
 from diffex.io.atomic import read_json
 from diffex.rundir import RunDir
 from diffex.train.autoencoder import load_autoencoder

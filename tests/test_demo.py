@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from diffex.cli import main
+from diffex.explain.guard import flagged_frames
 from diffex.io.atomic import read_json
 
 FIGURES = (
@@ -101,6 +102,14 @@ def test_quick_demo_writes_every_stage(demo_run: Path) -> None:
         for fig in FIGURES:
             path = out / "explanations" / name / fig
             assert path.is_file() and path.stat().st_size > 0, path
+    evaluation = read_json(out / "evaluation.json")
+    for item in summary["items"]:  # the artifact guard on every frame of every sweep
+        checks = item["frame_checks"]
+        assert [c["alpha"] for c in checks] == item["alphas"]
+        zero = checks[len(checks) // 2]
+        assert zero["alpha"] == 0 and zero["flags"] == []
+        assert {"background", "noise", "high_frequency", "stain_gain"} <= set(zero["artifacts_sd"])
+        assert evaluation["frame_flags"][item["name"]] == flagged_frames(checks)
 
 
 def test_rerun_skips_finished_stages(

@@ -73,6 +73,25 @@ def test_alpha_strip(tmp_path, sweep):
         alpha_strip(frames, alphas, probs[:, :2], make_plan(), tmp_path / "x.png", "")
 
 
+def test_flagged_columns_are_marked(tmp_path, sweep):
+    """A flagged column is outlined in red: the strip differs from the unflagged one there."""
+    frames, alphas, probs = sweep
+    n = len(alphas)
+    flags = [["stain gain -8.6 sd"]] + [[] for _ in range(n - 1)]
+    plain = alpha_strip(frames, alphas, probs, make_plan(), tmp_path / "a.png")
+    marked = alpha_strip(frames, alphas, probs, make_plan(), tmp_path / "b.png", flags=flags)
+    a, b = (np.asarray(_png(x).convert("RGB"), dtype=int) for x in (plain, marked))
+
+    def red(im: np.ndarray) -> np.ndarray:
+        return (im[..., 0] > 180) & (im[..., 1] < 80) & (im[..., 2] < 80)
+
+    assert red(b).sum() > 50 and not red(a).any()
+    with pytest.raises(DiffexError, match="flag lists"):
+        alpha_strip(frames, alphas, probs, make_plan(), tmp_path / "c.png", flags=flags[:1])
+    gif = sweep_gif(frames, alphas, probs, make_plan(), tmp_path / "s.gif", flags=flags)
+    assert Image.open(gif).n_frames == 2 * n - 2
+
+
 def test_sweep_gif_has_ping_pong_frames(tmp_path, sweep):
     frames, alphas, probs = sweep
     out = sweep_gif(frames, alphas, probs, make_plan(), tmp_path / "s.gif", fps=5)

@@ -6,20 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from diffex.data.spec import load_spec
-from diffex.data.synth import render_cell, sample_factors
 from diffex.errors import DiffexError
 from diffex.explain.ranking import (
     SIGNS,
     EditEffects,
-    artifact_flags,
-    artifact_measures,
-    artifact_z,
     attfind,
     best_restart,
     edit_effects,
     format_ranking,
-    reference_spread,
     restart_margin,
 )
 
@@ -290,66 +284,6 @@ def test_caller_chooses_source_images():
     ranked = attfind(eff, 1, M=2, threshold=0.05, images=mask)
     assert sum(d.n_explained for d in ranked) <= 4
     assert attfind(eff, 1, M=2, images=[]) == []
-
-
-# --- artifact guard --------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cells():
-    """Real reference cells, and 8 control cells rendered three ways with the same seeds."""
-    spec, size = load_spec(None), 32
-    rng = np.random.default_rng(0)
-    real = np.stack(
-        [
-            render_cell(f, size, rng)
-            for c in spec.condition_names
-            for f in sample_factors(spec, c, 40, rng)
-        ]
-    )
-    facs = sample_factors(spec, "control", 8, np.random.default_rng(1))
-
-    def render(extra):
-        return np.stack(
-            [
-                render_cell({**f, **extra(f)}, size, np.random.default_rng(100 + i))
-                for i, f in enumerate(facs)
-            ]
-        )
-
-    recon = render(lambda f: {})
-    bigger = render(lambda f: {"nucleus_area": f["nucleus_area"] + 60})
-    spots = render(lambda f: {"spot_count": f["spot_count"] + 10})
-    noisy = np.clip(recon + np.random.default_rng(5).normal(0, 0.08, recon.shape), 0, 1)
-    return reference_spread(real), recon, bigger, spots, noisy
-
-
-def test_noise_edit_is_flagged_morphology_edits_are_not(cells):
-    spread, recon, bigger, spots, noisy = cells
-    flags = artifact_flags(artifact_measures(recon, noisy), spread)
-    assert any(f.startswith("high-frequency energy +") for f in flags), flags
-    assert any(f.startswith("noise +") for f in flags), flags
-    for edit in (bigger, spots):
-        m = artifact_measures(recon, edit)
-        assert artifact_flags(m, spread) == [], artifact_z(m, spread)
-    z = artifact_z(artifact_measures(recon, noisy), spread)
-    assert z["high_frequency"] > 3 and z["noise"] > 3
-
-
-def test_background_shift_is_flagged(cells):
-    spread, recon, *_ = cells
-    flags = artifact_flags(artifact_measures(recon, np.clip(recon + 0.06, 0, 1)), spread)
-    assert any(f.startswith("background +") for f in flags), flags
-
-
-def test_artifact_inputs_checked(cells):
-    spread, recon, *_ = cells
-    with pytest.raises(DiffexError):
-        artifact_measures(recon, recon[:2])
-    with pytest.raises(DiffexError):
-        reference_spread(recon[:1])
-    m = artifact_measures(torch.as_tensor(recon), torch.as_tensor(recon))
-    assert all(np.allclose(v, 0) for v in m.values())
 
 
 def test_pairs_mapped_to_no_flags_stay_rankable():

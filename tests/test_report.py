@@ -176,7 +176,13 @@ def test_runs_evaluated_before_schema_2_still_report_and_compare(
 
     run = tmp_path / "old"
     shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("*.safetensors", "cache"))
-    new_keys = {"rho_forward", "leakage_forward", "worst_leak_forward"}
+    new_keys = {
+        "rho_forward",
+        "leakage_forward",
+        "worst_leak_forward",
+        "frame_checks",  # schema 3
+        "frame_flags",
+    }
     for path in [run / "evaluation.json", *run.glob("explanations/**/summary.json")]:
         doc = _drop(json.loads(path.read_text(encoding="utf-8")), new_keys)
         if path.name == "evaluation.json":
@@ -193,6 +199,27 @@ def test_runs_evaluated_before_schema_2_still_report_and_compare(
     build_report(run)
     html = (run / "report.html").read_text(encoding="utf-8")
     assert '<section id="evaluation">' in html and '<section id="directions">' in html
+
+
+def test_flagged_frames_are_named_under_their_sweep(demo_run: Path, tmp_path: Path) -> None:
+    """Frames of a sweep that the artifact guard flags are named in the report, with the
+    warning, under that direction's slider; unflagged sweeps carry no such warning."""
+    run = tmp_path / "flagged"
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("*.safetensors", "cache"))
+    path = run / "explanations" / "summary.json"
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    checks = summary["items"][0]["frame_checks"]
+    assert len(checks) == len(summary["items"][0]["alphas"])
+    for c in checks:
+        c["flags"] = []
+    checks[0]["flags"] = ["stain gain -8.6 sd"]
+    path.write_text(json.dumps(summary), encoding="utf-8")
+    (run / "report.html").unlink()
+    build_report(run)
+    html = (run / "report.html").read_text(encoding="utf-8")
+    line = f"alpha {checks[0]['alpha']:+.3g}: stain gain -8.6 sd"
+    assert html.count("The artifact guard flags frames of this sweep") == 1
+    assert f"The artifact guard flags frames of this sweep: {line}." in html
 
 
 def test_largest_changes_are_the_largest_shown_changes() -> None:

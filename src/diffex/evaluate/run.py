@@ -22,10 +22,10 @@ from diffex.evaluate.groundtruth import expected_signs, recovery
 from diffex.evaluate.plots import cos_heatmap, cout_curves, rho_heatmap, sufficiency_curve
 from diffex.evaluate.realism import frechet_distance, kid
 from diffex.evaluate.sensitivity import classifier_sensitivity
+from diffex.explain.guard import artifact_measures, artifact_z, flagged_frames, reference_spread
 from diffex.explain.latents import encode_cached
 from diffex.explain.methods import METHODS, REFERENCE, load_direction_set, method_folder
 from diffex.explain.rank import heldout_split, pick_other_classes, prober
-from diffex.explain.ranking import artifact_measures, artifact_z, reference_spread
 from diffex.io.atomic import read_json, write_json
 from diffex.log import info, track, warn
 from diffex.models.autoencoder import DiffusionAutoencoder
@@ -34,7 +34,7 @@ from diffex.runtime import check_precision
 from diffex.train.autoencoder import load_autoencoder
 from diffex.train.resume import file_digest
 
-SCHEMA_VERSION = 2  # 2: ground_truth.leakage_forward and worst_leak_forward
+SCHEMA_VERSION = 3  # 2: ground_truth.leakage_forward and worst_leak_forward; 3: frame_flags
 
 
 @dataclass
@@ -89,15 +89,24 @@ def _fidelity(
     }
 
 
+def _explain_summary(root: Path) -> dict[str, Any]:
+    """``explanations/summary.json`` of a method's folder (empty when it was not explained)."""
+    path = root / "explanations" / "summary.json"
+    return (read_json(path) if path.is_file() else None) or {}
+
+
+def _frame_flags(root: Path) -> dict[str, list[str]]:
+    """Per explained item: the frames of its sweep that the artifact guard flags."""
+    return {
+        item["name"]: flagged_frames(item.get("frame_checks"))
+        for item in _explain_summary(root).get("items", [])
+    }
+
+
 def _explain_features(root: Path) -> dict[str, dict[str, dict[str, float]]]:
     """Per explained item: feature -> rho along alpha, fraction of gap, % change and its CI."""
-    summary = (
-        read_json(root / "explanations" / "summary.json")
-        if (root / "explanations" / "summary.json").is_file()
-        else None
-    )
     out: dict[str, dict[str, dict[str, float]]] = {}
-    for item in (summary or {}).get("items", []):
+    for item in _explain_summary(root).get("items", []):
         rows = item.get("morphology") or []
         out[item["name"]] = {
             r["feature"]: {
@@ -313,6 +322,7 @@ def evaluate_run(
         "source": "explanations/summary.json" if feats else None,
     }
     result["morphology"] = {n: feats[n] for n in names if n in feats}
+    result["frame_flags"] = _frame_flags(dset.folder)
 
     # ground truth when the data came with a spec and factors.csv
     data_root = Path(plan.source)

@@ -38,6 +38,12 @@ def evaluation_tables(result: dict[str, Any]) -> list[Table]:
         head.add_row(
             "sufficiency (flip rate, top-1..M)", "  ".join(_f(r["flip_rate"], ".2f") for r in suff)
         )
+    if "frame_flags" in result:
+        flagged = {n: v for n, v in result["frame_flags"].items() if v}
+        head.add_row(
+            "sweep frames the artifact guard flags",
+            "; ".join(f"{n}: {', '.join(v)}" for n, v in flagged.items()) or "none",
+        )
     gt = result.get("ground_truth")
     if gt:
         found = [f for f, v in gt["factors"].items() if v["recovered"]]

@@ -27,11 +27,12 @@ from diffex.explain.figures import (
     sweep_frames,
     sweep_gif,
 )
+from diffex.explain.guard import flagged_frames, reference_spread, sweep_checks
 from diffex.explain.latents import encode_cached
 from diffex.explain.methods import load_direction_set
 from diffex.explain.rank import prober, source_images
 from diffex.io.atomic import write_json
-from diffex.log import info, track
+from diffex.log import info, track, warn
 from diffex.models.autoencoder import DiffusionAutoencoder
 from diffex.models.directions import LatentSpace
 from diffex.rundir import RunDir
@@ -139,6 +140,8 @@ def explain_run(
     probs = prober(ae)
     out = dset.folder / "explanations"
     class_stats, spot_floor = _class_stats(plan) if cfg.measure else (None, None)
+    gain_channel = plan.measure_channels.get("nucleus")
+    spread = reference_spread(plan.normalization.to_unit(x), gain_channel)
     source_name = _source_name(plan, target)
     items = dset.all_items()
     summary: dict[str, Any] = {
@@ -158,6 +161,9 @@ def explain_run(
         p_np = p.numpy()
         folder = out / name
         title = f"{label}: towards {target_name}"
+        unit = plan.normalization.to_unit(frames)
+        checks = sweep_checks(unit, alphas, spread, gain_channel)
+        flags = [c["flags"] for c in checks]
         strip = frames[:, : cfg.n_strip]
         alpha_strip(
             strip,
@@ -167,6 +173,7 @@ def explain_run(
             folder / "strip.png",
             title,
             target_name=target_name,
+            flags=flags,
         )
         sweep_gif(
             strip,
@@ -175,6 +182,7 @@ def explain_run(
             plan,
             folder / "sweep.gif",
             target_name=target_name,
+            flags=flags,
         )
         frame_info = sweep_frames(strip, alphas, p_np[:, : cfg.n_strip], plan, folder / "frames")
         probability_curve(alphas, p_np, folder / "probability.png", target_name, title=title)
@@ -187,9 +195,12 @@ def explain_run(
             "alphas": alphas.tolist(),
             "mean_p_target": p_np.mean(axis=1).tolist(),
             "frames": {**frame_info, "folder": "frames"},
+            "frame_checks": checks,
         }
+        if any(flags):
+            named = "; ".join(flagged_frames(checks))
+            warn(f"explain: {name}: the artifact guard flags frames of the sweep ({named})")
         if cfg.measure and class_stats is not None:
-            unit = plan.normalization.to_unit(frames)
             zero = len(alphas) // 2
             rows = morphology_readout(
                 unit[zero],

@@ -110,13 +110,17 @@ def alpha_strip(
     title: str = "",
     target_name: str = "target",
     stretch: bool = False,
+    flags: Sequence[Sequence[str]] | None = None,
 ) -> Path:
     """N rows (cells) x A columns (alphas): false-colour frames with p(target) under each.
 
     Columns keep the order of ``alphas``; the alpha = 0 column (the unedited reconstruction, or
-    the alpha closest to 0) is outlined.
+    the alpha closest to 0) is outlined. ``flags``: the artifact guard's flags per column
+    (:func:`diffex.explain.guard.sweep_checks`); flagged columns are outlined in red, marked
+    "!" and their flags named under the title.
     """
     f, a, p = _check_sweep(frames, alphas, probs)
+    flags = _column_flags(flags, len(a))
     n_a, n = f.shape[:2]
     unit = display_unit(f, plan, stretch)
     colors = _colors(plan, f.shape[2])
@@ -130,19 +134,42 @@ def alpha_strip(
             ax.set_yticks([])
             ax.set_xlabel(f"p = {p[j, i]:.2f}", fontsize=7, labelpad=2)
             if i == 0:
-                ax.set_title(_alpha_label(a[j]), fontsize=8)
+                mark = " !" if flags[j] else ""
+                ax.set_title(
+                    _alpha_label(a[j]) + mark, fontsize=8, color=FLAG_COLOR if mark else "k"
+                )
             if j == 0:
                 ax.set_ylabel(f"cell {i}", fontsize=8)
             for sp in ax.spines.values():
                 if j == z0:
                     sp.set_edgecolor("#ff8c00")
                     sp.set_linewidth(2.5)
+                elif flags[j]:
+                    sp.set_edgecolor(FLAG_COLOR)
+                    sp.set_linewidth(2.0)
                 else:
                     sp.set_edgecolor("0.6")
     head = f"{title}\n" if title else ""
-    fig.suptitle(f"{head}p = p({target_name}); outlined: unedited (α = {a[z0]:g})", fontsize=9)
+    lines = f"{head}p = p({target_name}); outlined: unedited (α = {a[z0]:g})"
+    flagged = [f"{_alpha_label(a[j])}: {', '.join(flags[j])}" for j in range(len(a)) if flags[j]]
+    if flagged:
+        lines += "\n! artifact guard, imaging changed: " + "; ".join(flagged)
+    fig.suptitle(lines, fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+#: Colour of the frames the artifact guard flags.
+FLAG_COLOR = "#d62728"
+
+
+def _column_flags(flags: Sequence[Sequence[str]] | None, n: int) -> list[list[str]]:
+    """Flags per column (empty lists when none are given)."""
+    if flags is None:
+        return [[] for _ in range(n)]
+    if len(flags) != n:
+        raise DiffexError(f"{len(flags)} flag lists for {n} alphas")
+    return [list(x) for x in flags]
 
 
 def _cell_row(
@@ -197,13 +224,16 @@ def sweep_gif(
     tile: int = 128,
     target_name: str = "target",
     stretch: bool = False,
+    flags: Sequence[Sequence[str]] | None = None,
 ) -> Path:
     """Animated GIF of the sweep: up to ``max_cells`` cells side by side, one frame per alpha.
 
-    Each frame shows alpha and the mean p(target) over the shown cells; the animation runs from
-    the first alpha to the last and back (ping-pong) and loops forever.
+    Each frame shows alpha and the mean p(target) over the shown cells, and "artifact" on the
+    frames ``flags`` (as for :func:`alpha_strip`) flags; the animation runs from the first alpha
+    to the last and back (ping-pong) and loops forever.
     """
     f, a, p = _check_sweep(frames, alphas, probs)
+    flags = _column_flags(flags, len(a))
     if not fps > 0:
         raise DiffexError(f"GIF frame rate must be positive, got {fps!r}")
     n = min(f.shape[1], max(1, int(max_cells)))
@@ -220,7 +250,10 @@ def sweep_gif(
         draw = ImageDraw.Draw(canvas)
         label = "alpha = 0" if a[j] == 0 else f"alpha = {a[j]:+g}"  # the bitmap font has no α
         text = f"{label}   mean p({target_name}) = {p[j, :n].mean():.2f}"
-        draw.text((gap + 2, 5), text, fill=(240, 240, 240), font=font)
+        if flags[j]:
+            text += "   artifact: " + ", ".join(flags[j])
+        color = (255, 110, 110) if flags[j] else (240, 240, 240)
+        draw.text((gap + 2, 5), text, fill=color, font=font)
         images.append(canvas)
     order = list(range(len(a))) + list(range(len(a) - 2, 0, -1))
     seq = [images[k] for k in order]

@@ -13,16 +13,14 @@ import torch
 from diffex.data.loading import DataPlan, SplitData, load_split
 from diffex.errors import DiffexError
 from diffex.evaluate.counterfactual import effect
+from diffex.explain.guard import artifact_flags, artifact_measures, reference_spread
 from diffex.explain.latents import encode_cached
 from diffex.explain.ranking import (
     SIGNS,
-    artifact_flags,
-    artifact_measures,
     attfind,
     best_restart,
     edit_effects,
     format_ranking,
-    reference_spread,
     restart_margin,
 )
 from diffex.io.atomic import read_json, write_json

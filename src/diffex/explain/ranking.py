@@ -14,10 +14,7 @@ with other thresholds or another target class). Deltas are always taken against 
 *reconstruction* decode(z, x_T), never against the original image, so that reconstruction error is
 not credited to a direction (DESIGN 1.5).
 
-The artifact guard (:func:`artifact_measures`, :func:`reference_spread`, :func:`artifact_flags`)
-catches edits that move the classifier by adding speckle / high-frequency energy or by changing the
-background instead of changing the cell (see shared/calibration: the best-ranked direction of the
-published objective added noise).
+The artifact guard that keeps noise out of the ranking lives in :mod:`diffex.explain.guard`.
 """
 
 from __future__ import annotations
@@ -28,8 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage as ndi
-from skimage.filters import threshold_otsu
 
 from diffex.errors import DiffexError
 from diffex.evaluate.disentangle import abs_cosine_matrix
@@ -562,156 +557,3 @@ def format_ranking(ranked: Sequence[RankedDirection]) -> str:
             same = ", ".join(str(j) for j in d.duplicates)
             lines.append(f"      (directions {same}: the same edit, not ranked again)")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# Artifact guard
-# --------------------------------------------------------------------------------------------
-
-#: Quantities compared between edit and reconstruction (see :func:`artifact_measures`).
-ARTIFACT_QUANTITIES: tuple[str, ...] = ("high_frequency", "background", "noise")
-_LABELS = {"high_frequency": "high-frequency energy", "background": "background", "noise": "noise"}
-#: Spatial frequency (cycles per pixel) above which energy counts as high-frequency.
-HF_CUTOFF = 0.3
-
-
-def _as_nchw(x: Any, name: str) -> np.ndarray:
-    a = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    if a.ndim != 4:
-        raise DiffexError(f"{name}: expected (N, C, H, W) images in [0, 1], got shape {a.shape}")
-    return a.astype(np.float64)
-
-
-def _hf_log_energy(a: np.ndarray) -> np.ndarray:
-    """log of the mean spectral energy above HF_CUTOFF cycles/px, summed over channels -> (N,)."""
-    h, w = a.shape[-2:]
-    fy = np.fft.fftfreq(h)[:, None]
-    fx = np.fft.rfftfreq(w)[None, :]
-    high = np.hypot(fy, fx) > HF_CUTOFF
-    spec = np.fft.rfft2(a - a.mean(axis=(-2, -1), keepdims=True), norm="ortho")
-    e = (np.abs(spec) ** 2)[..., high].sum(axis=-1)  # (N, C)
-    return np.log(e.sum(axis=1) / (h * w) + 1e-12)
-
-
-def _object_mask(a: np.ndarray) -> np.ndarray:
-    """(H, W) foreground mask of one (C, H, W) image: smoothed channel mean above Otsu, dilated."""
-    h, w = a.shape[-2:]
-    sm = ndi.gaussian_filter(a.mean(axis=0), max(1.0, min(h, w) / 32))
-    if sm.max() - sm.min() < 1e-6:
-        return np.zeros((h, w), dtype=bool)
-    fg = sm > threshold_otsu(sm)
-    return ndi.binary_dilation(fg, iterations=max(1, round(min(h, w) / 16)))
-
-
-def _upper_half_sd(x: np.ndarray) -> float:
-    med = np.median(x)
-    return float(np.sqrt(2.0 * np.pi) * np.maximum(x - med, 0.0).mean())
-
-
-def _background_stats(a: np.ndarray, mask_from: np.ndarray | None = None) -> tuple[float, float]:
-    """(level, noise) of the pixels outside the object: channel means of the median and sd."""
-    fg = _object_mask(a)
-    if mask_from is not None:
-        fg |= _object_mask(mask_from)
-    bg = ~fg
-    if bg.sum() < max(16, 0.05 * bg.size):  # object fills the frame: darkest quarter instead
-        sm = ndi.gaussian_filter(a.mean(axis=0), 1.0)
-        bg = sm <= np.quantile(sm, 0.25)
-    level = float(np.mean([np.median(ch[bg]) for ch in a]))
-    noise = float(np.mean([_upper_half_sd(ch[bg]) for ch in a]))
-    return level, noise
-
-
-def _image_quantities(a: np.ndarray, other: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    stats = [_background_stats(a[i], None if other is None else other[i]) for i in range(len(a))]
-    return {
-        "high_frequency": _hf_log_energy(a),
-        "background": np.array([s[0] for s in stats]),
-        "noise": np.array([s[1] for s in stats]),
-    }
-
-
-def artifact_measures(recon_unit: Any, edited_unit: Any) -> dict[str, np.ndarray]:
-    """Per-image change from the unedited reconstruction to the edit, both (N, C, H, W) in [0, 1].
-
-    - ``high_frequency``: change of the log energy above 0.3 cycles/px (all channels), i.e. a
-      relative change (+0.69 = doubled). Speckle noise is white and lands mostly there; cell
-      structure, even small puncta, is mostly below it.
-    - ``background``: change of the median of the pixels outside the object (mean over channels).
-    - ``noise``: change of the background's sd (upper-half estimator, robust to clipping at 0).
-
-    The background region is the same for both images of a pair: outside the union of the
-    object masks (smoothed channel mean above Otsu, dilated) of the reconstruction and the edit,
-    so a cell that grows does not count as a brighter background.
-    """
-    a = _as_nchw(recon_unit, "artifact_measures")
-    b = _as_nchw(edited_unit, "artifact_measures")
-    if a.shape != b.shape:
-        raise DiffexError(f"artifact_measures: shapes differ, {a.shape} vs {b.shape}")
-    qa = _image_quantities(a, b)
-    qb = _image_quantities(b, a)
-    return {k: qb[k] - qa[k] for k in ARTIFACT_QUANTITIES}
-
-
-def reference_spread(real_unit: Any) -> dict[str, float]:
-    """Natural spread over real images of each artifact quantity (robust sd: IQR / 1.349).
-
-    Compute it on a few hundred real images (any class) in [0, 1]. A spread of zero (identical
-    images) is replaced by a small floor so that z-scores stay finite.
-    """
-    a = _as_nchw(real_unit, "reference_spread")
-    if len(a) < 2:
-        raise DiffexError("reference_spread needs at least 2 real images")
-    q = _image_quantities(a)
-    out = {}
-    for k in ARTIFACT_QUANTITIES:
-        v = q[k]
-        sd = float(np.subtract(*np.percentile(v, [75, 25])) / 1.349)
-        if not sd > 0:
-            sd = float(np.std(v))
-        out[k] = max(sd, 1e-6)
-    return out
-
-
-#: Default flag thresholds, in units of the natural spread over real images.
-Z_THRESH = 3.0
-Z_THRESH_SMOOTHING = 6.0
-
-
-def artifact_z(measures: Mapping[str, np.ndarray], spread: Mapping[str, float]) -> dict[str, float]:
-    """Mean change of each quantity over the edited images, in units of the natural spread."""
-    out = {}
-    for k in ARTIFACT_QUANTITIES:
-        if k not in measures or k not in spread:
-            raise DiffexError(f"artifact measures / reference spread lack {k!r}")
-        v = np.asarray(measures[k], dtype=np.float64)
-        v = v[np.isfinite(v)]
-        out[k] = float(v.mean() / spread[k]) if v.size else float("nan")
-    return out
-
-
-def artifact_flags(
-    measures: Mapping[str, np.ndarray],
-    spread: Mapping[str, float],
-    z_thresh: float = Z_THRESH,
-    z_thresh_smoothing: float = Z_THRESH_SMOOTHING,
-) -> list[str]:
-    """Flags for an edit whose mean change is large against the natural spread over real images.
-
-    An increase of high-frequency energy or background noise, or a change of the background
-    level in either direction, of at least ``z_thresh`` sds is flagged; a decrease of
-    high-frequency energy or noise (smoothing: diffusion decoders smooth a little, and a real
-    phenotype edit may too) only from ``z_thresh_smoothing`` sds. Example flag:
-    ``"high-frequency energy +4.1 sd"``.
-    """
-    flags = []
-    for k, z in artifact_z(measures, spread).items():
-        if not np.isfinite(z):
-            continue
-        if k == "background":
-            hit = abs(z) >= z_thresh
-        else:
-            hit = z >= z_thresh or z <= -z_thresh_smoothing
-        if hit:
-            flags.append(f"{_LABELS[k]} {z:+.1f} sd")
-    return flags
