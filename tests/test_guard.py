@@ -137,7 +137,7 @@ def test_gain_channel_checked(stain):
         artifact_z(artifact_measures(recon, dim, GAIN), reference_spread(recon))
 
 
-def test_sweep_checks_flag_only_the_frames_that_change_the_imaging(stain, cells):
+def test_sweep_checks_flag_only_the_frames_that_change_the_imaging(stain):
     spread, recon, dim, (bigger, _) = stain
     noisy = np.clip(recon + np.random.default_rng(6).normal(0, 0.08, recon.shape), 0, 1)
     frames = np.stack([dim, noisy, recon, bigger])

@@ -30,7 +30,7 @@ from diffex.explain.figures import (
 from diffex.explain.guard import flagged_frames, reference_spread, sweep_checks
 from diffex.explain.latents import encode_cached
 from diffex.explain.methods import load_direction_set
-from diffex.explain.rank import prober, source_images
+from diffex.explain.rank import heldout_split, prober, source_images
 from diffex.io.atomic import write_json
 from diffex.log import info, track, warn
 from diffex.models.autoencoder import DiffusionAutoencoder
@@ -141,7 +141,7 @@ def explain_run(
     out = dset.folder / "explanations"
     class_stats, spot_floor = _class_stats(plan) if cfg.measure else (None, None)
     gain_channel = plan.measure_channels.get("nucleus")
-    spread = reference_spread(plan.normalization.to_unit(x), gain_channel)
+    spread = _guard_spread(plan, gain_channel, cfg.seed)
     source_name = _source_name(plan, target)
     items = dset.all_items()
     summary: dict[str, Any] = {
@@ -241,6 +241,18 @@ def prune_stale(out: Path, keep: set[str]) -> list[str]:
     for name in stale:
         shutil.rmtree(out / name)
     return stale
+
+
+#: Real held-out cells (every class) whose spread scales the frame guard's changes.
+GUARD_CELLS = 256
+
+
+def _guard_spread(plan: DataPlan, gain_channel: int | None, seed: int) -> dict[str, float]:
+    """The artifact guard's natural spread (:func:`diffex.explain.guard.reference_spread`) over
+    up to ``GUARD_CELLS`` seeded held-out cells of every class."""
+    data = load_split(plan, heldout_split(plan))
+    idx = np.sort(np.random.default_rng(seed + 3).permutation(len(data.y))[:GUARD_CELLS])
+    return reference_spread(plan.normalization.to_unit(data.x[idx]), gain_channel)
 
 
 def _source_name(plan: DataPlan, target: int) -> str:
