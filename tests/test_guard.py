@@ -3,6 +3,8 @@ morphology is not; and the guard on every frame of a sweep."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -24,11 +26,14 @@ from diffex.explain.guard import (
 GAIN = DEFAULT_CHANNELS["nucleus"]
 
 
-@pytest.fixture(scope="module")
-def cells():
-    """Real reference cells, and 8 control cells rendered three ways with the same seeds."""
+Render = Callable[[Callable[[dict], dict]], np.ndarray]
+
+
+def _synthetic(seed: int) -> tuple[np.ndarray, Render]:
+    """80 real cells (both conditions), and a renderer of 8 control cells, each with its own
+    seed, with some factors changed (``extra(factors) -> changed factors``)."""
     spec, size = load_spec(None), 32
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     real = np.stack(
         [
             render_cell(f, size, rng)
@@ -36,16 +41,23 @@ def cells():
             for f in sample_factors(spec, c, 40, rng)
         ]
     )
-    facs = sample_factors(spec, "control", 8, np.random.default_rng(1))
+    facs = sample_factors(spec, "control", 8, np.random.default_rng(seed + 1))
 
-    def render(extra):
+    def render(extra: Callable[[dict], dict]) -> np.ndarray:
         return np.stack(
             [
-                render_cell({**f, **extra(f)}, size, np.random.default_rng(100 + i))
+                render_cell({**f, **extra(f)}, size, np.random.default_rng(100 * (seed + 1) + i))
                 for i, f in enumerate(facs)
             ]
         )
 
+    return real, render
+
+
+@pytest.fixture(scope="module")
+def cells():
+    """Real reference cells, and 8 control cells rendered three ways with the same seeds."""
+    real, render = _synthetic(0)
     recon = render(lambda f: {})
     bigger = render(lambda f: {"nucleus_area": f["nucleus_area"] + 60})
     spots = render(lambda f: {"spot_count": f["spot_count"] + 10})
@@ -56,26 +68,9 @@ def cells():
 @pytest.fixture(scope="module")
 def stain():
     """Real cells' spread with the nucleus channel's gain, and control cells rendered at their
-    own brightness (the stain's gain, natural sd 0.12) and at 0.5 of it."""
-    spec, size = load_spec(None), 32
-    rng = np.random.default_rng(2)
-    real = np.stack(
-        [
-            render_cell(f, size, rng)
-            for c in spec.condition_names
-            for f in sample_factors(spec, c, 40, rng)
-        ]
-    )
-    facs = sample_factors(spec, "control", 8, np.random.default_rng(3))
-
-    def render(extra):
-        return np.stack(
-            [
-                render_cell({**f, **extra(f)}, size, np.random.default_rng(200 + i))
-                for i, f in enumerate(facs)
-            ]
-        )
-
+    own brightness (the stain's gain, natural sd 0.12), at 0.5 of it, and with the nucleus
+    grown and shrunk."""
+    real, render = _synthetic(2)
     recon = render(lambda f: {})
     dim = render(lambda f: {"brightness": 0.5 * f["brightness"]})
     bigger = render(lambda f: {"nucleus_area": f["nucleus_area"] + 60})
