@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from diffex.data.loading import DataPlan, load_split
+from diffex.data.loading import DataPlan, SplitData, load_split
 from diffex.data.measure import CIRCULAR, MEASUREMENTS, measure_batch, measure_real
 from diffex.errors import DiffexError
 from diffex.explain.figures import (
@@ -134,14 +134,15 @@ def explain_run(
     ae = load_autoencoder(run, device, precision=cfg.precision)
     target = dset.target
     target_name = dset.ranking["target_class"]
-    x, keys = source_images(plan, target, cfg.n_cells, cfg.seed + 1)
+    held = load_split(plan, heldout_split(plan))  # read once: source cells and guard cells
+    x, keys = source_images(plan, target, cfg.n_cells, cfg.seed + 1, data=held)
     info(f"explain: encoding {len(x)} cells")
     z, x_T = encode_cached(ae, run, x, keys, cfg.ddim_steps, cfg.batch_size)
     probs = prober(ae)
     out = dset.folder / "explanations"
     class_stats, spot_floor = _class_stats(plan) if cfg.measure else (None, None)
     gain_channel = plan.measure_channels.get("nucleus")
-    spread = _guard_spread(plan, gain_channel, cfg.seed)
+    spread = _guard_spread(plan, held, gain_channel, cfg.seed)
     source_name = _source_name(plan, target)
     items = dset.all_items()
     summary: dict[str, Any] = {
@@ -247,10 +248,11 @@ def prune_stale(out: Path, keep: set[str]) -> list[str]:
 GUARD_CELLS = 256
 
 
-def _guard_spread(plan: DataPlan, gain_channel: int | None, seed: int) -> dict[str, float]:
+def _guard_spread(
+    plan: DataPlan, data: SplitData, gain_channel: int | None, seed: int
+) -> dict[str, float]:
     """The artifact guard's natural spread (:func:`diffex.explain.guard.reference_spread`) over
-    up to ``GUARD_CELLS`` seeded held-out cells of every class."""
-    data = load_split(plan, heldout_split(plan))
+    up to ``GUARD_CELLS`` seeded cells of every class of the held-out split ``data``."""
     idx = np.sort(np.random.default_rng(seed + 3).permutation(len(data.y))[:GUARD_CELLS])
     return reference_spread(plan.normalization.to_unit(data.x[idx]), gain_channel)
 

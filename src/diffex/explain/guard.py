@@ -19,7 +19,7 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
 from diffex.errors import DiffexError
-from diffex.models.nuisance import GAIN_SHARE
+from diffex.models.nuisance import nucleus_plateau
 
 #: Quantities compared between edit and reconstruction (see :func:`artifact_measures`).
 ARTIFACT_QUANTITIES: tuple[str, ...] = ("high_frequency", "background", "noise")
@@ -71,9 +71,9 @@ def _upper_half_sd(x: np.ndarray) -> float:
 def _background_stats(
     a: np.ndarray, mask_from: np.ndarray | None = None, gain_channel: int | None = None
 ) -> tuple[float, float, float]:
-    """(level, noise, gain) of one (C, H, W) image: the channel means of the median and sd of
-    the pixels outside the object, and the plateau of ``gain_channel`` above its own
-    background median (:func:`_plateau`; NaN without a gain channel)."""
+    """(level, noise, gain_bg) of one (C, H, W) image: the channel means of the median and sd
+    of the pixels outside the object, and the median of ``gain_channel``'s own background
+    pixels (NaN without a gain channel)."""
     fg = _object_mask(a)
     if mask_from is not None:
         fg |= _object_mask(mask_from)
@@ -83,21 +83,8 @@ def _background_stats(
         bg = sm <= np.quantile(sm, 0.25)
     medians = [float(np.median(ch[bg])) for ch in a]
     noise = float(np.mean([_upper_half_sd(ch[bg]) for ch in a]))
-    gain = float("nan")
-    if gain_channel is not None:
-        gain = _plateau(a[gain_channel], medians[gain_channel])
-    return float(np.mean(medians)), noise, gain
-
-
-def _plateau(ch: np.ndarray, bg: float) -> float:
-    """Mean level above ``bg`` of the pixels brighter than half the peak (the mean of the
-    brightest ``GAIN_SHARE``): the nucleus's plateau, read as the DNA stain's gain, as the
-    invariance penalty holds it (:func:`diffex.models.nuisance.nucleus_plateau`)."""
-    above = ch.reshape(-1) - bg
-    k = max(1, int(GAIN_SHARE * above.size))
-    peak = float(np.partition(above, above.size - k)[-k:].mean())
-    inside = above > 0.5 * peak
-    return float(above[inside].mean()) if inside.any() else 0.0
+    gain_bg = float("nan") if gain_channel is None else medians[gain_channel]
+    return float(np.mean(medians)), noise, gain_bg
 
 
 def _image_quantities(
@@ -112,8 +99,9 @@ def _image_quantities(
         "background": np.array([s[0] for s in stats]),
         "noise": np.array([s[1] for s in stats]),
     }
-    if gain_channel is not None:
-        out[GAIN_QUANTITY] = np.array([s[2] for s in stats])
+    if gain_channel is not None:  # the nucleus's plateau, as the invariance penalty holds it
+        bg = torch.tensor([s[2] for s in stats], dtype=torch.float64)
+        out[GAIN_QUANTITY] = nucleus_plateau(torch.from_numpy(a[:, gain_channel]), bg).numpy()
     return out
 
 
@@ -203,8 +191,17 @@ def artifact_flags(
     and a real phenotype edit may too) only from ``z_thresh_smoothing`` sds. Example flag:
     ``"high-frequency energy +4.1 sd"``.
     """
+    return flags_from_z(artifact_z(measures, spread), z_thresh, z_thresh_smoothing)
+
+
+def flags_from_z(
+    z_scores: Mapping[str, float],
+    z_thresh: float = Z_THRESH,
+    z_thresh_smoothing: float = Z_THRESH_SMOOTHING,
+) -> list[str]:
+    """:func:`artifact_flags` from z-scores already computed by :func:`artifact_z`."""
     flags = []
-    for k, z in artifact_z(measures, spread).items():
+    for k, z in z_scores.items():
         if not np.isfinite(z):
             continue
         if k in ("background", GAIN_QUANTITY):
@@ -238,16 +235,9 @@ def sweep_checks(
     zero = int(np.argmin(np.abs(a)))
     out = []
     for j, alpha in enumerate(a):
-        m = artifact_measures(f[zero], f[j], gain_channel)
-        out.append(
-            {
-                "alpha": float(alpha),
-                "artifacts_sd": artifact_z(m, spread),
-                "flags": []
-                if j == zero
-                else artifact_flags(m, spread, z_thresh, z_thresh_smoothing),
-            }
-        )
+        z = artifact_z(artifact_measures(f[zero], f[j], gain_channel), spread)
+        flags = [] if j == zero else flags_from_z(z, z_thresh, z_thresh_smoothing)
+        out.append({"alpha": float(alpha), "artifacts_sd": z, "flags": flags})
     return out
 
 

@@ -88,9 +88,12 @@ def resolve_target(plan: DataPlan, target: str | None) -> int:
     return plan.classes.index(target)
 
 
-def source_images(plan: DataPlan, target: int, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """Up to ``n`` held-out images of the other classes (test split, else validation)."""
-    x, _, paths = source_split(plan, target, n, seed)
+def source_images(
+    plan: DataPlan, target: int, n: int, seed: int, data: SplitData | None = None
+) -> tuple[torch.Tensor, list[str]]:
+    """Up to ``n`` held-out images of the other classes (test split, else validation);
+    ``data``: that split, when the caller has already loaded it."""
+    x, _, paths = source_split(plan, target, n, seed, data=data)
     return x, paths
 
 
@@ -108,12 +111,18 @@ def pick_other_classes(data: SplitData, split: str, target: int, n: int, seed: i
 
 
 def source_split(
-    plan: DataPlan, target: int, n: int, seed: int, split: str | None = None
+    plan: DataPlan,
+    target: int,
+    n: int,
+    seed: int,
+    split: str | None = None,
+    data: SplitData | None = None,
 ) -> tuple[torch.Tensor, np.ndarray, list[str]]:
     """:func:`source_images` with the images' class indices: (x, y, paths); ``split`` defaults
-    to :func:`heldout_split`."""
+    to :func:`heldout_split`, and ``data`` (that split, already loaded) is read from disk when
+    not given."""
     split = split or heldout_split(plan)
-    data = load_split(plan, split)
+    data = data if data is not None else load_split(plan, split)
     idx = pick_other_classes(data, split, target, n, seed)
     return data.x[idx], data.y.numpy()[idx], [data.paths[i] for i in idx]
 
