@@ -13,7 +13,7 @@ from diffex.errors import DiffexError
 from diffex.models.autoencoder import AutoencoderConfig, DiffusionAutoencoder
 from diffex.models.encoder import ENCODER_PRESETS, SemanticEncoder
 from diffex.models.protocol import Classifier
-from diffex.models.unet import UNET_PRESETS, UNet, count_parameters
+from diffex.models.unet import UNET_PRESETS, UNet, count_parameters, unet_preset
 
 SIZE = 16
 
@@ -85,6 +85,30 @@ def test_unet_shape_and_zero_init():
     cl = x.contiguous(memory_format=torch.channels_last)
     out_cl = unet.to(memory_format=torch.channels_last)(cl, torch.tensor(5), torch.zeros(3, 16))
     assert out_cl.shape == x.shape
+
+
+def test_z_norm_conditions_on_the_direction_of_z_only():
+    """With ``z_norm`` the UNet's output is the same for z and 4 z (the gains see z's
+    direction); without it, scaling z changes the output. A config saved before the option
+    existed loads with it off."""
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 3, SIZE, SIZE), torch.tensor([10, 80])
+    z = torch.randn(2, UNET_PRESETS["tiny"].z_dim)
+    outs = {}
+    for z_norm in (False, True):
+        torch.manual_seed(1)
+        unet = UNet(unet_preset("tiny", z_norm=z_norm, dropout=0.0)).eval()
+        with torch.no_grad():
+            for p in unet.parameters():  # wake the zero-initialised layers
+                p.add_(torch.randn_like(p) * 0.05)
+            outs[z_norm] = (unet(x, t, z), unet(x, t, 4 * z))
+    plain, normed = outs[False], outs[True]
+    assert torch.allclose(normed[0], normed[1], atol=1e-5)
+    assert (plain[0] - plain[1]).abs().max() > 100 * (normed[0] - normed[1]).abs().max()
+    assert (plain[0] - normed[0]).abs().max() > 1e-3  # the option changes the network
+    old = AutoencoderConfig.from_preset("tiny", in_channels=3).to_dict()
+    del old["unet"]["z_norm"]
+    assert AutoencoderConfig.from_dict(old).unet.z_norm is False
 
 
 def test_config_round_trip_and_errors():

@@ -77,3 +77,23 @@ def test_checkpoint_reload_gives_identical_outputs(trained_run: tuple[Path, dict
     assert torch.equal(za, zb) and torch.equal(xa, xb)
     assert torch.equal(a.decode(za, xa, steps=5), b.decode(zb, xb, steps=5))
     assert not a.classifier.training
+
+
+def test_z_norm_reaches_the_saved_model(trained_run: tuple[Path, dict], tmp_path: Path) -> None:
+    """``--z-norm`` on train-autoencoder builds, saves and reloads a UNet that
+    layer-normalises z_sem; the option is off by default."""
+    import shutil
+
+    from diffex.cli import main
+
+    run, _ = trained_run
+    assert load_autoencoder(run).config.unet.z_norm is False
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("autoencoder"))
+    args = ["--steps", "2", "--preset", "tiny", "--ddim-steps", "2", "--sample-every", "2"]
+    assert (
+        main(["--device", "cpu", "train-autoencoder", "--run", str(copy), *args, "--z-norm"]) == 0
+    )
+    saved = read_json(copy / "autoencoder" / "config.json")
+    assert saved["model"]["unet"]["z_norm"] is True and saved["train"]["z_norm"] is True
+    assert load_autoencoder(copy).config.unet.z_norm is True

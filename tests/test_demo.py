@@ -164,6 +164,19 @@ def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
     assert not _done(tmp_path, "explain", now)  # no marker
 
 
+def test_marker_from_before_z_norm_means_raw_z(tmp_path: Path) -> None:
+    """An autoencoder marker written before ``z_norm`` existed conditioned the UNet on raw
+    z_sem: done for ``z_norm`` off, stale (retrained) for on, in its stage and the ones after."""
+    from diffex.io.atomic import write_json
+    from diffex.pipeline import _done
+
+    old = {"seed": 0, "autoencoder": {"steps": 1000}}
+    for stage in ("autoencoder", "directions"):
+        write_json(tmp_path / ".stages" / f"{stage}.json", {"config": old, "seconds": 1.0})
+        assert _done(tmp_path, stage, {**old, "autoencoder": {"steps": 1000, "z_norm": False}})
+        assert not _done(tmp_path, stage, {**old, "autoencoder": {"steps": 1000, "z_norm": True}})
+
+
 def test_marker_from_before_decode_precision_means_fp32(tmp_path: Path) -> None:
     """Rank, explain and evaluate markers written before their ``precision`` existed decoded in
     fp32: done for fp32, stale for bf16 or auto."""

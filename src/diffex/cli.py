@@ -619,6 +619,13 @@ def _autoencoder_options(f: Any) -> Any:
             "works early) or eps (the authors').",
         ),
         click.option(
+            "--z-norm/--no-z-norm",
+            default=False,
+            show_default=True,
+            help="Layer-normalise z_sem before it conditions the UNet, so edits far past the "
+            "data do not blow up or collapse the decoder's gains.",
+        ),
+        click.option(
             "--t-skew",
             type=float,
             default=1.0,
@@ -664,6 +671,7 @@ def _autoencoder_config(opts: Options, **kw: Any) -> Any:
         lr=kw["ae_lr"],
         classifier_output=kw["classifier_output"],
         prediction=kw["prediction"],
+        z_norm=kw["z_norm"],
         t_skew=kw["t_skew"],
         consistency_weight=kw["consistency_weight"],
         ddim_steps=kw["ddim_steps"],
@@ -1176,6 +1184,11 @@ def report(run: Path, out: Path | None) -> None:
     show_default=True,
     help="Last stage to run (the report covers what exists).",
 )
+@click.option(
+    "--z-norm/--no-z-norm",
+    default=None,
+    help="Layer-normalise z_sem in the UNet [default: the preset's choice].",
+)
 @_external_options
 @pass_options
 def demo(
@@ -1185,6 +1198,7 @@ def demo(
     data: Path | None,
     target: str | None,
     until: str,
+    z_norm: bool | None,
     **kw: Any,
 ) -> None:
     """Run the whole pipeline and print where the results are.
@@ -1208,6 +1222,8 @@ def demo(
     cfg = demo_preset(preset, opts.seed)
     if data is not None:
         cfg = replace(cfg, data=str(data), external=spec, rank=replace(cfg.rank, target=target))
+    if z_norm is not None:
+        cfg = replace(cfg, autoencoder=replace(cfg.autoencoder, z_norm=z_norm))
     cfg = replace(cfg, stages=cfg.stages[: cfg.stages.index(until) + 1])
     device = opts.setup()
     summary = run_demo(out, cfg, device, seed=opts.seed)

@@ -3,9 +3,10 @@
 Every residual block is modulated as
 ``h = GroupNorm(h); h = h * (1 + t_scale) + t_shift; h = h * (1 + z_scale)`` followed by SiLU,
 dropout and a zero-initialised 3x3 conv added to the residual; z_sem enters every residual block
-(down path, middle and up path). Self-attention blocks use ``scaled_dot_product_attention``.
-All residual-branch output layers and the final conv are zero-initialised, so a fresh UNet predicts
-exactly zero noise.
+(down path, middle and up path). With ``z_norm`` the UNet first layer-normalises z_sem (no
+affine), so the gains follow z's direction, not its length. Self-attention blocks use
+``scaled_dot_product_attention``. All residual-branch output layers and the final conv are
+zero-initialised, so a fresh UNet predicts exactly zero noise.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ class UNetConfig:
 
     ``attn_resolutions`` are feature-map sizes in pixels (e.g. 16 means attention at 16 x 16).
     Attention uses ``num_heads`` heads when set, otherwise ``channels // head_dim`` heads.
+    ``z_norm`` layer-normalises z_sem before it conditions the blocks: edited latents far
+    longer than real ones then do not blow up or collapse the blocks' gains (BENCHMARKS:
+    "z_sem layer-normalised").
     """
 
     in_channels: int = 3
@@ -75,6 +79,7 @@ class UNetConfig:
     head_dim: int = 64
     groups: int = 32
     mid_attention: bool = True
+    z_norm: bool = False
 
     def __post_init__(self) -> None:
         validate_network(self, "UNet")
@@ -327,6 +332,8 @@ class UNet(nn.Module):
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         emb = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(x_t.dtype))
+        if self.config.z_norm:
+            z = F.layer_norm(z, z.shape[-1:])
         h = self.conv_in(x_t)
         hs = [h]
         for layer in self.down:

@@ -35,6 +35,7 @@ class AutoencoderTrainConfig:
     classifier_output: str = "probs"
     prediction: str = "v"
     z_dim: int | None = None
+    z_norm: bool = False
     steps: int = 2000
     batch_size: int = 32
     lr: float = 3e-4
@@ -110,6 +111,7 @@ def train_autoencoder(
         prediction=cfg.prediction,
         **({"z_dim": cfg.z_dim} if cfg.z_dim else {}),
     )
+    model_cfg = replace(model_cfg, unet=replace(model_cfg.unet, z_norm=cfg.z_norm))
     model = DiffusionAutoencoder(model_cfg, classifier).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     info(f"autoencoder: {n_params / 1e6:.2f} M parameters, {len(train.y)} training images")
