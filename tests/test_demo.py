@@ -152,13 +152,7 @@ def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
     write_json(tmp_path / ".stages" / "rank.json", {"config": old, "seconds": 1.0})
     now = {
         **old,
-        "directions": {
-            "k": 10,
-            "alpha": 2.0,
-            "restarts": 1,
-            "precision": "fp32",
-            "signs": "positive",
-        },
+        "directions": {"k": 10, "alpha": 2.0, "restarts": 1, "precision": "fp32"},
         "rank": {"m": 3, "precision": "fp32"},  # rank's own legacy setting (fp32 decodes)
     }
     assert _done(tmp_path, "rank", now)

@@ -781,14 +781,6 @@ def _print_autoencoder(metrics: dict[str, Any], run: Path) -> None:
     "its frame or change the nucleus channel's gain (squared change in natural sds of real "
     "images; image objectives only, 0 = off).",
 )
-@click.option(
-    "--signs",
-    type=click.Choice(["both", "positive"]),
-    default="both",
-    show_default=True,
-    help="both: every other step edits at -alpha, so the reverse edits that rank and explain "
-    "show are trained (and held by the invariance penalty) too; positive: +alpha only.",
-)
 @_precision_option(
     f"auto: the one-step decodes under bf16 autocast {_NATIVE_BF16}, else fp32; features and "
     "losses stay fp32."

@@ -39,9 +39,6 @@ from diffex.train.autoencoder import load_autoencoder
 from diffex.train.loop import EpochSampler, LoopConfig, run_loop
 from diffex.train.resume import stage_resume, weights_digest
 
-#: Which edits a training step makes: ``both`` alternates +alpha and -alpha by step.
-SIGNS: tuple[str, ...] = ("both", "positive")
-
 
 @dataclass
 class DirectionTrainConfig:
@@ -52,10 +49,6 @@ class DirectionTrainConfig:
     order and noise; restart 0 is the single set of ``restarts = 1``). The contrastive
     objective has several optima, and which one a start reaches decides which factors a set
     finds; the rank stage keeps the set whose best edit moves the classifier most.
-
-    ``signs``: ``both`` edits at -alpha on every other step (the contrast and the invariance
-    penalty then see the reverse edits too, which rank and explain show as well); ``positive``
-    edits at +alpha only, as runs before this option did.
 
     ``precision``: ``auto`` runs the one-step decodes (the UNet, most of a step's work) under
     bf16 autocast where the hardware has native bf16, as the autoencoder trains; the features,
@@ -72,7 +65,6 @@ class DirectionTrainConfig:
     weight_decay: float = 1e-3
     decorrelation: float = 0.0
     invariance: float = 0.3
-    signs: str = "both"
     t_edit: int = 400
     hidden: int = 256
     eval_images: int = 32
@@ -88,8 +80,6 @@ class DirectionTrainConfig:
             )
         if self.alpha <= 0:
             raise DiffexError(f"alpha must be > 0 (in class gaps), got {self.alpha}")
-        if self.signs not in SIGNS:
-            raise DiffexError(f"signs {self.signs!r} must be one of {', '.join(SIGNS)}")
         if self.batch_size < 2:
             raise DiffexError(
                 f"batch_size must be >= 2 (positives need pairs), got {self.batch_size}"
@@ -105,12 +95,6 @@ class DirectionTrainConfig:
                 f"penalty weights must be >= 0, got invariance {self.invariance} and "
                 f"decorrelation {self.decorrelation}"
             )
-
-
-def step_alpha(cfg: DirectionTrainConfig, step: int) -> float:
-    """The signed edit size of training step ``step``: -alpha on odd steps with ``signs =
-    both``, else +alpha."""
-    return -cfg.alpha if cfg.signs == "both" and step % 2 else cfg.alpha
 
 
 class DirectionTrainer(nn.Module):
@@ -246,7 +230,7 @@ def train_directions(
                 cfg.objective,
                 z_train[idx].to(device),
                 train.x[idx].to(device),
-                step_alpha(cfg, step),
+                cfg.alpha,
                 cfg.t_edit,
                 gen,
                 spread,
@@ -286,20 +270,6 @@ def train_directions(
                 }
                 if penalty is not None:
                     out["heldout_invariance"] = float(penalty)
-                    _, _, _, reverse = edit_features(  # the same latents edited at -alpha
-                        m,
-                        ae,
-                        cfg.objective,
-                        z_held.to(device),
-                        x_held.to(device),
-                        -cfg.alpha,
-                        cfg.t_edit,
-                        torch.Generator().manual_seed(seed + 99),
-                        spread,
-                        gain_channel,
-                        bf16,
-                    )
-                    out["heldout_invariance_reverse"] = float(reverse)
                 return out
 
         loop = LoopConfig(
