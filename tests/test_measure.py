@@ -191,18 +191,23 @@ def test_spot_floor_counts_a_denoised_copy_with_the_real_ruler():
     assert measure_real(real, channels={"nucleus": 0, "actin": 1})[1] is None
 
 
-def test_nuisance_measurements_stay_put_when_only_causal_factors_move():
+@pytest.mark.parametrize(("reach", "tolerance"), [(1.0, 0.1), (2.5, 0.15)])
+def test_nuisance_measurements_stay_put_when_only_causal_factors_move(
+    reach: float, tolerance: float
+) -> None:
     """Leakage is read off these measurements along a sweep, so they must not confound: cells
-    rendered by the generator with every causal factor moved by up to one class gap each way
-    (noise and all nuisance factors held) measure the nuisances unchanged (|rho| < 0.1 with the
-    move), while the causal factors follow it with the spec's signs."""
+    rendered by the generator with every causal factor moved by up to ``reach`` class gaps each
+    way (noise and all nuisance factors held) measure the nuisances unchanged (|rho| under
+    ``tolerance`` with the move), while the causal factors follow it with the spec's signs.
+    2.5 gaps is the demo's whole sweep; there the DNA stain's measured gain drifts a little
+    (rho -0.10: a bigger nucleus reads a slightly lower gain), hence the wider tolerance."""
     spec = load_spec(None)
     cells = sample_factors(spec, "control", 24, np.random.default_rng(3))
     gaps = {
         n: (spec.shift("treated", n) - spec.shift("control", n)) * spec.factors[n].scale
         for n in spec.causal
     }
-    ts = np.array([-1.0, -0.5, 0.0, 0.5, 1.0])
+    ts = np.array([-1.0, -0.5, 0.0, 0.5, 1.0]) * reach
     imgs, t_rep = [], []
     for t in ts:
         for i, c in enumerate(cells):
@@ -223,4 +228,4 @@ def test_nuisance_measurements_stay_put_when_only_causal_factors_move():
         assert np.sign(rho(FACTOR_MEASURES[n])) == np.sign(g) and abs(rho(FACTOR_MEASURES[n])) > 0.3
     for n in spec.nuisance:
         if n not in CIRCULAR:
-            assert abs(rho(FACTOR_MEASURES[n])) < 0.1, n
+            assert abs(rho(FACTOR_MEASURES[n])) < tolerance, n
