@@ -439,3 +439,14 @@ def test_rank_cli_defaults_match_rank_config() -> None:
     assert len(given) >= 5
     for p in given:
         assert p.default == fields[p.name], p.name
+
+
+def test_source_split_takes_a_split_name_or_its_data_not_both():
+    """The loaded data is assumed to be the held-out split; a split name beside it could
+    silently disagree with it, so the two together are refused."""
+    from diffex.data.loading import SplitData
+    from diffex.explain.rank import source_split
+
+    data = SplitData(x=torch.zeros(2, 1, 4, 4), y=torch.tensor([0, 1]), paths=["a", "b"])
+    with pytest.raises(ValueError, match="not both"):
+        source_split(None, 1, 1, 0, split="val", data=data)  # type: ignore[arg-type]

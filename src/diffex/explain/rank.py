@@ -118,9 +118,11 @@ def source_split(
     split: str | None = None,
     data: SplitData | None = None,
 ) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-    """:func:`source_images` with the images' class indices: (x, y, paths); ``split`` defaults
-    to :func:`heldout_split`, and ``data`` (that split, already loaded) is read from disk when
-    not given."""
+    """:func:`source_images` with the images' class indices: (x, y, paths), from ``split``
+    (read from disk) or from ``data`` (the held-out split, :func:`heldout_split`, already
+    loaded); with neither, the held-out split is read."""
+    if split is not None and data is not None:
+        raise ValueError("source_split takes a split name or its loaded data, not both")
     split = split or heldout_split(plan)
     data = data if data is not None else load_split(plan, split)
     idx = pick_other_classes(data, split, target, n, seed)

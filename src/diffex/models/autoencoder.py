@@ -87,14 +87,20 @@ class AutoencoderConfig:
 
     @classmethod
     def from_preset(
-        cls, name: str, in_channels: int, image_size: int | None = None, **kwargs: Any
+        cls,
+        name: str,
+        in_channels: int,
+        image_size: int | None = None,
+        unet_overrides: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> AutoencoderConfig:
-        """A preset (``paper128``, ``cpu64``, ``tiny``) adapted to the data's channels and size."""
+        """A preset (``paper128``, ``cpu64``, ``tiny``) adapted to the data's channels and size;
+        ``unet_overrides`` replaces UNet fields (``z_norm``, say)."""
         unet = _preset(UNET_PRESETS, name, "UNet")
         enc = _preset(ENCODER_PRESETS, name, "encoder")
         size = image_size or unet.image_size
         return cls(
-            unet=replace(unet, in_channels=in_channels, image_size=size),
+            unet=replace(unet, in_channels=in_channels, image_size=size, **(unet_overrides or {})),
             encoder=replace(enc, in_channels=in_channels, image_size=size),
             **kwargs,
         )

@@ -108,10 +108,10 @@ def train_autoencoder(
         plan.channels,
         plan.image_size,
         classifier_output=cfg.classifier_output,
+        unet_overrides={"z_norm": cfg.z_norm},
         prediction=cfg.prediction,
         **({"z_dim": cfg.z_dim} if cfg.z_dim else {}),
     )
-    model_cfg = replace(model_cfg, unet=replace(model_cfg.unet, z_norm=cfg.z_norm))
     model = DiffusionAutoencoder(model_cfg, classifier).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     info(f"autoencoder: {n_params / 1e6:.2f} M parameters, {len(train.y)} training images")
