@@ -60,6 +60,13 @@ class Options:
 _pass_options = click.make_pass_decorator(Options)
 
 
+#: Help of ``--z-norm`` (``train-autoencoder`` and ``demo``).
+Z_NORM_HELP = (
+    "Layer-normalise z_sem before it conditions the UNet, so edits far past the data do not "
+    "blow up or collapse the decoder's gains."
+)
+
+
 def pass_options(f: Any) -> Any:
     """Pass the global Options, and accept --device/--seed after the command name as well."""
 
@@ -622,8 +629,7 @@ def _autoencoder_options(f: Any) -> Any:
             "--z-norm/--no-z-norm",
             default=False,
             show_default=True,
-            help="Layer-normalise z_sem before it conditions the UNet, so edits far past the "
-            "data do not blow up or collapse the decoder's gains.",
+            help=Z_NORM_HELP,
         ),
         click.option(
             "--t-skew",
@@ -780,6 +786,14 @@ def _print_autoencoder(metrics: dict[str, Any], run: Path) -> None:
     help="Weight of the penalty on edits that change the background level, move the cell in "
     "its frame or change the nucleus channel's gain (squared change in natural sds of real "
     "images; image objectives only, 0 = off).",
+)
+@click.option(
+    "--feature-weights",
+    type=click.Choice(["none", "separability"]),
+    default="none",
+    show_default=True,
+    help="separability: scale each feature's change by how well it separates the classes on "
+    "the training images before the contrast (image objectives only).",
 )
 @_precision_option(
     f"auto: the one-step decodes under bf16 autocast {_NATIVE_BF16}, else fp32; features and "
@@ -1187,7 +1201,7 @@ def report(run: Path, out: Path | None) -> None:
 @click.option(
     "--z-norm/--no-z-norm",
     default=None,
-    help="Layer-normalise z_sem in the UNet [default: the preset's choice].",
+    help=Z_NORM_HELP + "  [default: the preset's choice]",
 )
 @_external_options
 @pass_options

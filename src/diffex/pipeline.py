@@ -128,10 +128,11 @@ def _stage_marker(out: Path, stage: str) -> Path:
 #: Settings added after runs existed, with the value that reproduces what those runs did: an
 #: autoencoder recorded without ``z_norm`` conditioned on raw z_sem; a directions stage recorded
 #: without ``restarts`` trained one set, and in fp32; rank, explain and evaluate recorded
-#: without ``precision`` decoded in fp32.
+#: without ``precision`` decoded in fp32; directions recorded without ``feature_weights`` contrasted
+#: the feature changes unweighted.
 LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
     "autoencoder": {"z_norm": False},
-    "directions": {"restarts": 1, "precision": "fp32"},
+    "directions": {"restarts": 1, "precision": "fp32", "feature_weights": "none"},
     **{stage: {"precision": "fp32"} for stage in ("rank", "explain", "evaluate")},
 }
 
