@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from diffex.cli import main
 from diffex.explain.guard import flagged_frames
@@ -153,13 +152,7 @@ def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
     write_json(tmp_path / ".stages" / "rank.json", {"config": old, "seconds": 1.0})
     now = {
         **old,
-        "directions": {
-            "k": 10,
-            "alpha": 2.0,
-            "restarts": 1,
-            "precision": "fp32",
-            "feature_weights": "none",
-        },
+        "directions": {"k": 10, "alpha": 2.0, "restarts": 1, "precision": "fp32"},
         "rank": {"m": 3, "precision": "fp32"},  # rank's own legacy setting (fp32 decodes)
     }
     assert _done(tmp_path, "rank", now)
@@ -169,19 +162,6 @@ def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
         assert not _done(tmp_path, "rank", {**now, "directions": moved})
     assert not _done(tmp_path, "rank", {**now, "rank": {"m": 4, "precision": "fp32"}})
     assert not _done(tmp_path, "explain", now)  # no marker
-
-
-def test_marker_from_before_feature_weights_means_unweighted(tmp_path: Path) -> None:
-    """A directions marker written before ``feature_weights`` existed contrasted unweighted
-    feature changes: done for ``none``, stale for ``separability``."""
-    from diffex.io.atomic import write_json
-    from diffex.pipeline import _done
-
-    old = {"seed": 0, "directions": {"k": 10, "restarts": 2, "precision": "auto"}}
-    write_json(tmp_path / ".stages" / "directions.json", {"config": old, "seconds": 1.0})
-    for weights, done in (("none", True), ("separability", False)):
-        now = {**old, "directions": {**old["directions"], "feature_weights": weights}}
-        assert _done(tmp_path, "directions", now) is done
 
 
 def test_marker_from_before_z_norm_means_raw_z(tmp_path: Path) -> None:
@@ -235,32 +215,3 @@ def test_decode_precision_is_recorded_and_validated(demo_run: Path) -> None:
     for config in (RankConfig, ExplainConfig, EvaluateConfig):
         with pytest.raises(DiffexError, match="precision must be auto, fp32 or bf16"):
             config(precision="fp16")
-
-
-def test_separability_weights_reach_the_directions(demo_run: Path, tmp_path: Path) -> None:
-    """``train-directions --feature-weights separability`` records the weighting and how many
-    features it effectively keeps, and trains other directions than the unweighted contrast
-    from the same seed."""
-    from safetensors.torch import load_file
-
-    weights = {}
-    for mode in ("none", "separability"):
-        run = tmp_path / mode
-        for part in ("data", "data.json", "classifier", "autoencoder"):
-            src = demo_run / part
-            (shutil.copytree if src.is_dir() else shutil.copy)(src, run / part)
-        args = ["--device", "cpu", "--seed", "0", "train-directions", "--run", str(run)]
-        args += ["--k", "3", "--restarts", "1", "--steps", "4", "--batch-size", "2"]
-        assert main([*args, "--feature-weights", mode]) == 0
-        metrics = read_json(run / "directions" / "metrics.json")
-        assert metrics["feature_weights"] == mode
-        if mode == "none":
-            assert metrics["effective_features"] is None
-        else:
-            widths = read_json(run / "classifier" / "config.json")["model"]["widths"]
-            assert 1.0 <= metrics["effective_features"] <= widths[-1]
-        weights[mode] = load_file(run / "directions" / "model.safetensors")
-    assert weights["none"].keys() == weights["separability"].keys()
-    assert any(
-        not torch.equal(weights["none"][k], weights["separability"][k]) for k in weights["none"]
-    )

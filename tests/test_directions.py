@@ -14,7 +14,6 @@ from diffex.models.contrastive import (
     contrastive_accuracy,
     contrastive_loss,
     decorrelation_penalty,
-    separability_scale,
 )
 from diffex.models.directions import (
     DirectionModelConfig,
@@ -142,29 +141,3 @@ def test_concatenated_sets_edit_like_their_parts(kind: str) -> None:
     other = DirectionModels(DirectionModelConfig(z_dim=6, k=3, kind=kind, hidden=16))
     with pytest.raises(DiffexError, match="architectures"):
         DirectionModels.concat([sets[0], other])
-
-
-def test_separability_scale_by_hand() -> None:
-    """Two classes of two images each. Feature 0: class means 0 and 2, within-class values +-1
-    around them (between variance 1, within 1: scale 1); feature 1: the same values in both
-    classes (between 0: scale 0); feature 2: means 0 and 1, within +-0.5 (between 0.25, within
-    0.25: sqrt(0.25) / 0.25 = 2). Normalised to mean 1: (1, 0, 2) / 1."""
-    f = torch.tensor(
-        [[-1.0, 3.0, -0.5], [1.0, 5.0, 0.5], [1.0, 3.0, 0.5], [3.0, 5.0, 1.5]],
-    )
-    y = torch.tensor([0, 0, 1, 1])
-    scale = separability_scale(f, y)
-    assert torch.allclose(scale, torch.tensor([1.0, 0.0, 2.0]), atol=1e-6)
-    # a shift or a common rescaling of every feature leaves it unchanged
-    assert torch.allclose(separability_scale(3 * f + 7, y), scale, atol=1e-6)
-
-
-def test_separability_scale_keeps_the_class_feature() -> None:
-    """On random features where one feature carries the class, that feature dominates."""
-    g = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 3, (600,), generator=g)
-    f = torch.randn(600, 16, generator=g)
-    f[:, 5] += 2.0 * y
-    scale = separability_scale(f, y)
-    assert scale.argmax() == 5 and scale[5] > 5 * scale[torch.arange(16) != 5].max()
-    assert scale.mean() == pytest.approx(1.0, abs=1e-5)

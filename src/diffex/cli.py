@@ -787,14 +787,6 @@ def _print_autoencoder(metrics: dict[str, Any], run: Path) -> None:
     "its frame or change the nucleus channel's gain (squared change in natural sds of real "
     "images; image objectives only, 0 = off).",
 )
-@click.option(
-    "--feature-weights",
-    type=click.Choice(["none", "separability"]),
-    default="none",
-    show_default=True,
-    help="separability: scale each feature's change by how well it separates the classes on "
-    "the training images before the contrast (image objectives only).",
-)
 @_precision_option(
     f"auto: the one-step decodes under bf16 autocast {_NATIVE_BF16}, else fp32; features and "
     "losses stay fp32."

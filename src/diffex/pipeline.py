@@ -128,11 +128,10 @@ def _stage_marker(out: Path, stage: str) -> Path:
 #: Settings added after runs existed, with the value that reproduces what those runs did: an
 #: autoencoder recorded without ``z_norm`` conditioned on raw z_sem; a directions stage recorded
 #: without ``restarts`` trained one set, and in fp32; rank, explain and evaluate recorded
-#: without ``precision`` decoded in fp32; directions recorded without ``feature_weights`` contrasted
-#: the feature changes unweighted.
+#: without ``precision`` decoded in fp32.
 LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
     "autoencoder": {"z_norm": False},
-    "directions": {"restarts": 1, "precision": "fp32", "feature_weights": "none"},
+    "directions": {"restarts": 1, "precision": "fp32"},
     **{stage: {"precision": "fp32"} for stage in ("rank", "explain", "evaluate")},
 }
 

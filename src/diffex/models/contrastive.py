@@ -55,31 +55,6 @@ def contrastive_accuracy(features: Tensor, labels: Tensor) -> float:
     return float((labels[sim.argmax(1)] == labels).float().mean())
 
 
-#: How the feature changes are weighted before the contrast: ``none`` compares them as they are;
-#: ``separability`` scales each feature by how well it separates the classes on real images.
-FEATURE_WEIGHTS = ("none", "separability")
-
-
-def separability_scale(features: Tensor, labels: Tensor, eps: float = 1e-6) -> Tensor:
-    """Per-feature scale (F,) from features (N, F) of real images and their class labels: the
-    change of feature j is divided by its within-class sd and multiplied by its separability
-    sqrt(between-class / within-class variance), i.e. scale_j = sqrt(B_j) / W_j (a diagonal
-    Fisher weighting), normalised to mean 1. Features the classes do not differ in count little
-    in the contrast, so directions are told apart by what distinguishes the classes."""
-    f = features.double()
-    mean = f.mean(0)
-    between = torch.zeros_like(mean)
-    within = torch.zeros_like(mean)
-    for c in labels.unique():
-        fc = f[labels == c]
-        share = len(fc) / len(f)
-        between += share * (fc.mean(0) - mean) ** 2
-        within += share * fc.var(0, unbiased=False)
-    within = within.clamp_min(eps * float(within.mean()) + 1e-12)
-    scale = between.sqrt() / within
-    return (scale / scale.mean().clamp_min(1e-12)).float()
-
-
 def decorrelation_penalty(units: Tensor) -> Tensor:
     """Mean squared off-diagonal cosine between the K shift vectors of each sample.
 

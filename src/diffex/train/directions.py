@@ -18,13 +18,11 @@ from diffex.io.checkpoint import load_config, load_state, save_module
 from diffex.log import info
 from diffex.models.autoencoder import DiffusionAutoencoder
 from diffex.models.contrastive import (
-    FEATURE_WEIGHTS,
     OBJECTIVES,
     Projector,
     contrastive_accuracy,
     contrastive_loss,
     decorrelation_penalty,
-    separability_scale,
 )
 from diffex.models.directions import (
     DirectionModelConfig,
@@ -54,12 +52,7 @@ class DirectionTrainConfig:
 
     ``precision``: ``auto`` runs the one-step decodes (the UNet, most of a step's work) under
     bf16 autocast where the hardware has native bf16, as the autoencoder trains; the features,
-    the direction models, the statistics and the losses stay fp32.
-
-    ``feature_weights``: ``separability`` scales each feature's change by how well that feature
-    separates the classes on the training images
-    (:func:`diffex.models.contrastive.separability_scale`) before the contrast; ``none`` (the
-    default) contrasts the changes as they are. Image objectives only."""
+    the direction models, the statistics and the losses stay fp32."""
 
     k: int = 10
     restarts: int = 2
@@ -78,15 +71,9 @@ class DirectionTrainConfig:
     checkpoint_every: int = 50
     seed: int = 0
     precision: str = "auto"
-    feature_weights: str = "none"
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
-        if self.feature_weights not in FEATURE_WEIGHTS:
-            raise DiffexError(
-                f"feature_weights {self.feature_weights!r} must be one of "
-                f"{', '.join(FEATURE_WEIGHTS)}"
-            )
         if self.objective not in OBJECTIVES:
             raise DiffexError(
                 f"objective {self.objective!r} must be one of {', '.join(OBJECTIVES)}"
@@ -151,7 +138,6 @@ def edit_features(
     spread: Tensor | None = None,
     gain_channel: int | None = None,
     bf16: bool = False,
-    feature_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Contrastive features of all K edits of a batch: (features (K*B, F), labels, units,
     invariance penalty). The penalty (:func:`diffex.models.nuisance.invariance_penalty` of the
@@ -159,8 +145,7 @@ def edit_features(
     natural sd of the statistics, is given and the objective decodes images; else it is None.
     ``gain_channel`` (the nucleus channel, if any) adds its gain to the statistics. ``bf16``
     runs the one-step decodes under bf16 autocast; the features (whose differences between an
-    edit and its base are the contrast) and all else stay fp32. ``feature_scale`` (F,)
-    multiplies each feature's change."""
+    edit and its base are the contrast) and all else stay fp32."""
     editor = trainer.editor
     space, dirs = editor.space, editor.directions
     zs = space.standardise(z)
@@ -185,25 +170,8 @@ def edit_features(
         x0_base = one_step_x0(ae, x_t, t, z, bf16)
         base = phi(x0_base).float()
     feats = phi(x0_edit).float() - base.repeat(k, 1)
-    if feature_scale is not None:
-        feats = feats * feature_scale
     penalty = None if spread is None else invariance_penalty(x0_edit, x0_base, spread, gain_channel)
     return feats, labels, units, penalty
-
-
-def real_features(phi: Any, x: Tensor, device: torch.device, batch_size: int = 256) -> Tensor:
-    """``phi`` (classifier or encoder features) of real images ``x``, on the CPU, in fp32."""
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            out.append(phi(x[i : i + batch_size].to(device)).float().cpu())
-    return torch.cat(out)
-
-
-def effective_count(scale: Tensor) -> float:
-    """How many features a weighting effectively keeps: (sum w^2)^2 / sum w^4."""
-    w2 = scale.double() ** 2
-    return float(w2.sum() ** 2 / (w2**2).sum().clamp_min(1e-30))
 
 
 #: seed offset between restarts: restart r trains with ``seed + RESTART_SEED_STEP * r``
@@ -246,15 +214,6 @@ def train_directions(
     if cfg.objective != "paper":
         info(f"directions: {precision} one-step decoding ({cfg.precision})")
 
-    scale = None
-    if cfg.feature_weights == "separability" and cfg.objective != "paper":
-        phi = ae.classifier.features if cfg.objective == "classifier" else ae.encoder
-        scale = separability_scale(real_features(phi, train.x, device), train.y).to(device)
-        info(
-            "directions: feature changes weighted by class separability "
-            f"(effective features {effective_count(scale):.1f} of {len(scale)})"
-        )
-
     def train_set(restart: int) -> tuple[DirectionTrainer, Any]:
         """One set of K directions from its own random start."""
         seed = restart_seed(cfg.seed, restart)
@@ -277,7 +236,6 @@ def train_directions(
                 spread,
                 gain_channel,
                 bf16,
-                scale,
             )
             loss = contrastive_loss(feats, labels)
             out = {"contrastive": loss}
@@ -305,7 +263,6 @@ def train_directions(
                     spread,
                     gain_channel,
                     bf16,
-                    scale,
                 )
                 out = {
                     "heldout_loss": float(contrastive_loss(feats, labels)),
@@ -360,8 +317,6 @@ def train_directions(
     finals = [r.evals[-1] if r.evals else {} for r in results]
     metrics = {
         "class_gap": float(space.gap),
-        "feature_weights": cfg.feature_weights,
-        "effective_features": effective_count(scale) if scale is not None else None,
         "invariance_spread": (
             dict(zip(stat_names, spread.tolist(), strict=True)) if spread is not None else None
         ),
