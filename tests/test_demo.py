@@ -215,3 +215,21 @@ def test_decode_precision_is_recorded_and_validated(demo_run: Path) -> None:
     for config in (RankConfig, ExplainConfig, EvaluateConfig):
         with pytest.raises(DiffexError, match="precision must be auto, fp32 or bf16"):
             config(precision="fp16")
+
+
+def test_explanations_record_their_imaging_drift(demo_run: Path) -> None:
+    """Each explanation records which imaging measurements follow alpha along its sweep, as
+    :func:`diffex.explain.guard.imaging_drift` reads them off its own morphology rows, and the
+    evaluation repeats them."""
+    from diffex.explain.guard import imaging_drift
+
+    items = read_json(demo_run / "explanations" / "summary.json")["items"]
+    evaluation = read_json(demo_run / "evaluation.json")
+    assert items and evaluation["schema_version"] >= 4
+    for item in items:
+        assert item["imaging_drift"] == imaging_drift(item["morphology"])
+        assert evaluation["imaging_drift"][item["name"]] == item["imaging_drift"]
+        assert (
+            item["imaging_drift"]
+            == read_json(demo_run / item["folder"] / "summary.json")["imaging_drift"]
+        )

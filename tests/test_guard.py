@@ -19,6 +19,7 @@ from diffex.explain.guard import (
     artifact_measures,
     artifact_z,
     flagged_frames,
+    imaging_drift,
     reference_spread,
     sweep_checks,
 )
@@ -150,3 +151,22 @@ def test_sweep_checks_flag_only_the_frames_that_change_the_imaging(stain):
     assert [c["flags"] for c in same] == [c["flags"] for c in checks]
     with pytest.raises(DiffexError, match="3 alphas"):
         sweep_checks(frames, alphas[:3], spread, GAIN)
+
+
+def test_imaging_drift_names_imaging_measurements_that_follow_alpha() -> None:
+    """Only measurements the acquisition sets count, on either the whole sweep or its half
+    towards the target, from |rho| 0.3; cell measurements and NaNs do not."""
+    nan = float("nan")
+    rows = [
+        {"feature": "nucleus_area", "rho_alpha": 0.77, "rho_forward": 0.62},
+        {"feature": "brightness", "rho_alpha": 0.356, "rho_forward": -0.111},
+        {"feature": "background", "rho_alpha": 0.2, "rho_forward": -0.31},
+        {"feature": "offset_x", "rho_alpha": -0.29, "rho_forward": 0.1},
+        {"feature": "noise", "rho_alpha": nan, "rho_forward": nan},
+    ]
+    assert imaging_drift(rows) == [
+        "brightness rho +0.36 (towards the target -0.11)",
+        "background rho +0.20 (towards the target -0.31)",
+    ]
+    assert imaging_drift(rows, threshold=0.4) == []
+    assert imaging_drift([]) == []

@@ -182,6 +182,7 @@ def test_runs_evaluated_before_schema_2_still_report_and_compare(
         "worst_leak_forward",
         "frame_checks",  # schema 3
         "frame_flags",
+        "imaging_drift",  # schema 4
     }
     for path in [run / "evaluation.json", *run.glob("explanations/**/summary.json")]:
         doc = _drop(json.loads(path.read_text(encoding="utf-8")), new_keys)
@@ -220,6 +221,30 @@ def test_flagged_frames_are_named_under_their_sweep(demo_run: Path, tmp_path: Pa
     line = f"alpha {checks[0]['alpha']:+.3g}: stain gain -8.6 sd"
     assert html.count("The artifact guard flags frames of this sweep") == 1
     assert f"The artifact guard flags frames of this sweep: {line}." in html
+
+
+def test_imaging_drift_is_named_under_its_sweep(demo_run: Path, tmp_path: Path) -> None:
+    """An imaging measurement that follows alpha along a sweep (here the DNA stain's gain,
+    rho 0.36) is named in the report under that direction; sweeps without one carry no such
+    warning."""
+    from diffex.data.measure import IMAGING_MEASUREMENTS
+
+    run = tmp_path / "drift"
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("*.safetensors", "cache"))
+    path = run / "explanations" / "summary.json"
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    assert summary["items"] and all(item.get("morphology") for item in summary["items"])
+    for i, item in enumerate(summary["items"]):
+        for row in item["morphology"]:
+            if row["feature"] in IMAGING_MEASUREMENTS:
+                drifts = i == 0 and row["feature"] == "brightness"
+                row["rho_alpha"], row["rho_forward"] = (0.36, -0.11) if drifts else (0.05, 0.0)
+    path.write_text(json.dumps(summary), encoding="utf-8")
+    (run / "report.html").unlink()
+    build_report(run)
+    html = (run / "report.html").read_text(encoding="utf-8")
+    assert html.count("Imaging measurements follow alpha along this sweep") == 1
+    assert "follow alpha along this sweep: brightness rho +0.36 (towards the target -0.11)" in html
 
 
 def test_largest_changes_are_the_largest_shown_changes() -> None:

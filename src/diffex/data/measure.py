@@ -73,6 +73,15 @@ FACTOR_MEASURES: dict[str, str] = {
     "brightness": "brightness",
 }
 MEASUREMENTS: tuple[str, ...] = tuple(FACTOR_MEASURES.values())
+#: Measurements the acquisition sets rather than the cell: where the cell sits in its frame, the
+#: background's level and noise, and the DNA stain's gain.
+IMAGING_MEASUREMENTS: tuple[str, ...] = (
+    "offset_x",
+    "offset_y",
+    "background",
+    "noise",
+    "brightness",
+)
 #: Axial measurements (period in degrees): compare them on (cos, sin) of 2*pi*x/period.
 CIRCULAR: dict[str, float] = {"rotation": 180.0}
 

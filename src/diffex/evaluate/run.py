@@ -22,7 +22,13 @@ from diffex.evaluate.groundtruth import expected_signs, recovery
 from diffex.evaluate.plots import cos_heatmap, cout_curves, rho_heatmap, sufficiency_curve
 from diffex.evaluate.realism import frechet_distance, kid
 from diffex.evaluate.sensitivity import classifier_sensitivity
-from diffex.explain.guard import artifact_measures, artifact_z, flagged_frames, reference_spread
+from diffex.explain.guard import (
+    artifact_measures,
+    artifact_z,
+    flagged_frames,
+    imaging_drift,
+    reference_spread,
+)
 from diffex.explain.latents import encode_cached
 from diffex.explain.methods import METHODS, REFERENCE, load_direction_set, method_folder
 from diffex.explain.rank import heldout_split, pick_other_classes, prober
@@ -34,7 +40,7 @@ from diffex.runtime import check_precision
 from diffex.train.autoencoder import load_autoencoder
 from diffex.train.resume import file_digest
 
-SCHEMA_VERSION = 3  # 2: ground_truth.leakage_forward and worst_leak_forward; 3: frame_flags
+SCHEMA_VERSION = 4  # 2: leakage_forward, worst_leak_forward; 3: frame_flags; 4: imaging_drift
 
 
 @dataclass
@@ -99,6 +105,14 @@ def _frame_flags(root: Path) -> dict[str, list[str]]:
     """Per explained item: the frames of its sweep that the artifact guard flags."""
     return {
         item["name"]: flagged_frames(item.get("frame_checks"))
+        for item in _explain_summary(root).get("items", [])
+    }
+
+
+def _imaging_drift(root: Path) -> dict[str, list[str]]:
+    """Per explained item: the imaging measurements that follow alpha along its sweep."""
+    return {
+        item["name"]: imaging_drift(item.get("morphology", []))
         for item in _explain_summary(root).get("items", [])
     }
 
@@ -323,6 +337,7 @@ def evaluate_run(
     }
     result["morphology"] = {n: feats[n] for n in names if n in feats}
     result["frame_flags"] = _frame_flags(dset.folder)
+    result["imaging_drift"] = _imaging_drift(dset.folder)
 
     # ground truth when the data came with a spec and factors.csv
     data_root = Path(plan.source)

@@ -44,6 +44,12 @@ def evaluation_tables(result: dict[str, Any]) -> list[Table]:
             "sweep frames the artifact guard flags",
             "; ".join(f"{n}: {', '.join(v)}" for n, v in flagged.items()) or "none",
         )
+    if "imaging_drift" in result:
+        drifting = {n: v for n, v in result["imaging_drift"].items() if v}
+        head.add_row(
+            "imaging measurements that follow alpha (|rho| >= 0.3)",
+            "; ".join(f"{n}: {', '.join(v)}" for n, v in drifting.items()) or "none",
+        )
     gt = result.get("ground_truth")
     if gt:
         found = [f for f, v in gt["factors"].items() if v["recovered"]]

@@ -27,7 +27,7 @@ from diffex.explain.figures import (
     sweep_frames,
     sweep_gif,
 )
-from diffex.explain.guard import flagged_frames, reference_spread, sweep_checks
+from diffex.explain.guard import flagged_frames, imaging_drift, reference_spread, sweep_checks
 from diffex.explain.latents import encode_cached
 from diffex.explain.methods import load_direction_set
 from diffex.explain.rank import heldout_split, prober, source_images
@@ -220,6 +220,10 @@ def explain_run(
                 row["rho_forward"] = trend.get("rho_forward", float("nan"))
             morphology_table_png(rows, folder / "morphology.png", title=title)
             entry["morphology"] = rows
+            entry["imaging_drift"] = imaging_drift(rows)
+            if entry["imaging_drift"]:
+                drifts = "; ".join(entry["imaging_drift"])
+                warn(f"explain: {name}: imaging measurements follow alpha ({drifts})")
         summary["items"].append(entry)
         write_json(folder / "summary.json", entry)
     write_json(out / "summary.json", summary)

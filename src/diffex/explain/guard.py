@@ -18,6 +18,7 @@ import torch
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
+from diffex.data.measure import IMAGING_MEASUREMENTS
 from diffex.errors import DiffexError
 from diffex.models.nuisance import nucleus_plateau
 
@@ -247,3 +248,25 @@ def flagged_frames(checks: list[dict[str, Any]] | None) -> list[str]:
     return [
         f"alpha {c['alpha']:+.3g}: {', '.join(c['flags'])}" for c in checks or [] if c.get("flags")
     ]
+
+
+#: |Spearman rho| along a sweep from which an imaging measurement counts as drifting (the
+#: benchmark's line for a nuisance factor, BENCHMARKS.md).
+DRIFT_RHO = 0.3
+
+
+def imaging_drift(rows: list[dict[str, Any]], threshold: float = DRIFT_RHO) -> list[str]:
+    """Imaging measurements that follow alpha along a sweep, from an explanation's morphology
+    rows (``feature``, ``rho_alpha`` over the whole sweep, ``rho_forward`` over its half
+    towards the target): ``"brightness rho +0.36 (towards the target -0.11)"`` for each one of
+    :data:`diffex.data.measure.IMAGING_MEASUREMENTS` at ``threshold`` or more on either. Unlike
+    a flagged frame, a drift can stay within the natural spread at every frame and still move
+    steadily with the edit: part of what the sweep shows is then the imaging, not the cell."""
+    out = []
+    for r in rows:
+        if r.get("feature") not in IMAGING_MEASUREMENTS:
+            continue
+        whole, forward = (float(r.get(k, float("nan"))) for k in ("rho_alpha", "rho_forward"))
+        if any(np.isfinite(v) and abs(v) >= threshold for v in (whole, forward)):
+            out.append(f"{r['feature']} rho {whole:+.2f} (towards the target {forward:+.2f})")
+    return out

@@ -19,7 +19,7 @@ import jinja2
 
 from diffex import __version__
 from diffex.errors import DiffexError
-from diffex.explain.guard import flagged_frames
+from diffex.explain.guard import flagged_frames, imaging_drift
 from diffex.io.atomic import read_json, write_atomic
 
 TEMPLATE = "report.html.j2"
@@ -216,6 +216,7 @@ def _directions_section(root: Path) -> dict[str, Any] | None:
                 "strip": data_uri(folder / "strip.png"),
                 "morphology": _morphology_rows(entry),
                 "frame_flags": flagged_frames(entry.get("frame_checks")),
+                "imaging_drift": imaging_drift(entry.get("morphology", [])),
             }
         )
     by_rank = {
