@@ -229,7 +229,27 @@ def test_explanations_record_their_imaging_drift(demo_run: Path) -> None:
     for item in items:
         assert item["imaging_drift"] == imaging_drift(item["morphology"])
         assert evaluation["imaging_drift"][item["name"]] == item["imaging_drift"]
-        assert (
-            item["imaging_drift"]
-            == read_json(demo_run / item["folder"] / "summary.json")["imaging_drift"]
-        )
+        own = read_json(demo_run / "explanations" / item["name"] / "summary.json")
+        assert own["imaging_drift"] == item["imaging_drift"]
+    shown = read_json(demo_run / "demo_summary.json")["explain"]["items"]
+    assert {i["name"]: i["imaging_drift"] for i in shown} == {
+        i["name"]: i["imaging_drift"] for i in items
+    }
+
+
+def test_demo_summary_prints_imaging_drift_only_where_there_is_one(capsys) -> None:
+    """The closing summary names the imaging measurements that follow alpha under the
+    direction they belong to, and prints nothing for a direction without any."""
+    from diffex.cli import _print_demo
+
+    change = {"feature": "nucleus_area", "pct_change": 27.0, "fraction_of_gap": 0.9}
+    drift = ["brightness rho +0.36 (towards the target -0.11)"]
+    items = [
+        {"name": "rank1_dir0+", "top_changes": [change], "imaging_drift": drift},
+        {"name": "rank2_dir3+", "top_changes": [change], "imaging_drift": []},
+    ]
+    _print_demo({"out": "runs/demo", "explain": {"items": items}})
+    out = capsys.readouterr().out.splitlines()
+    at = out.index("  rank1_dir0+: nucleus_area +27 % (0.9 of gap)")
+    assert out[at + 1] == f"    imaging follows alpha: {drift[0]}"
+    assert sum("imaging follows alpha" in line for line in out) == 1

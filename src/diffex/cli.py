@@ -1259,6 +1259,8 @@ def _print_demo(summary: dict[str, Any]) -> None:
             for t in item["top_changes"]
         )
         click.echo(f"  {item['name']}: {changes or 'no measured change'}")
+        if item.get("imaging_drift"):
+            click.echo(f"    imaging follows alpha: {'; '.join(item['imaging_drift'])}")
     ev = summary.get("evaluate") or {}
     if ev:
         parts = [

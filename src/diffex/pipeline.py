@@ -292,6 +292,7 @@ def _brief(stage: str, result: dict[str, Any]) -> dict[str, Any]:
                         }
                         for r in rows[:3]
                     ],
+                    "imaging_drift": item.get("imaging_drift", []),
                 }
             )
         return {"items": items}
