@@ -163,10 +163,12 @@ def test_imaging_drift_names_imaging_measurements_that_follow_alpha() -> None:
         {"feature": "background", "rho_alpha": 0.2, "rho_forward": -0.31},
         {"feature": "offset_x", "rho_alpha": -0.29, "rho_forward": 0.1},
         {"feature": "noise", "rho_alpha": nan, "rho_forward": nan},
+        {"feature": "offset_y", "rho_alpha": -0.35},  # no forward half measured
     ]
     assert imaging_drift(rows) == [
         "brightness rho +0.36 (towards the target -0.11)",
         "background rho +0.20 (towards the target -0.31)",
+        "offset_y rho -0.35",
     ]
     assert imaging_drift(rows, threshold=0.4) == []
     assert imaging_drift([]) == []

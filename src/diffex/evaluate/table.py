@@ -8,6 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from diffex.explain.guard import DRIFT_RHO
+
 
 def _f(x: Any, fmt: str = ".3f") -> str:
     if x is None or (isinstance(x, float) and x != x):
@@ -47,7 +49,7 @@ def evaluation_tables(result: dict[str, Any]) -> list[Table]:
     if "imaging_drift" in result:
         drifting = {n: v for n, v in result["imaging_drift"].items() if v}
         head.add_row(
-            "imaging measurements that follow alpha (|rho| >= 0.3)",
+            f"imaging measurements that follow alpha (|rho| >= {DRIFT_RHO})",
             "; ".join(f"{n}: {', '.join(v)}" for n, v in drifting.items()) or "none",
         )
     gt = result.get("ground_truth")

@@ -268,5 +268,6 @@ def imaging_drift(rows: list[dict[str, Any]], threshold: float = DRIFT_RHO) -> l
             continue
         whole, forward = (float(r.get(k, float("nan"))) for k in ("rho_alpha", "rho_forward"))
         if any(np.isfinite(v) and abs(v) >= threshold for v in (whole, forward)):
-            out.append(f"{r['feature']} rho {whole:+.2f} (towards the target {forward:+.2f})")
+            half = f" (towards the target {forward:+.2f})" if np.isfinite(forward) else ""
+            out.append(f"{r['feature']} rho {whole:+.2f}{half}")
     return out
