@@ -95,32 +95,26 @@ def _fidelity(
     }
 
 
-def _explain_summary(root: Path) -> dict[str, Any]:
-    """``explanations/summary.json`` of a method's folder (empty when it was not explained)."""
+def _explained_items(root: Path) -> list[dict[str, Any]]:
+    """The items of ``explanations/summary.json`` in a method's folder (none when it was not
+    explained)."""
     path = root / "explanations" / "summary.json"
-    return (read_json(path) if path.is_file() else None) or {}
+    return ((read_json(path) if path.is_file() else None) or {}).get("items", [])
 
 
-def _frame_flags(root: Path) -> dict[str, list[str]]:
-    """Per explained item: the frames of its sweep that the artifact guard flags."""
+def _sweep_warnings(items: list[dict[str, Any]]) -> dict[str, dict[str, list[str]]]:
+    """Per explained item, what its sweep warns of: ``frame_flags`` (the frames the artifact
+    guard flags) and ``imaging_drift`` (the imaging measurements that follow alpha)."""
     return {
-        item["name"]: flagged_frames(item.get("frame_checks"))
-        for item in _explain_summary(root).get("items", [])
+        "frame_flags": {i["name"]: flagged_frames(i.get("frame_checks")) for i in items},
+        "imaging_drift": {i["name"]: imaging_drift(i.get("morphology", [])) for i in items},
     }
 
 
-def _imaging_drift(root: Path) -> dict[str, list[str]]:
-    """Per explained item: the imaging measurements that follow alpha along its sweep."""
-    return {
-        item["name"]: imaging_drift(item.get("morphology", []))
-        for item in _explain_summary(root).get("items", [])
-    }
-
-
-def _explain_features(root: Path) -> dict[str, dict[str, dict[str, float]]]:
+def _explain_features(items: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
     """Per explained item: feature -> rho along alpha, fraction of gap, % change and its CI."""
     out: dict[str, dict[str, dict[str, float]]] = {}
-    for item in _explain_summary(root).get("items", []):
+    for item in items:
         rows = item.get("morphology") or []
         out[item["name"]] = {
             r["feature"]: {
@@ -320,7 +314,8 @@ def evaluate_run(
         zs = space.standardise(z)
         shifts = torch.stack([(space.standardise(moved[m.name]) - zs).mean(0) for m in items])
     cosm = abs_cosine_matrix(shifts.cpu())
-    feats = _explain_features(dset.folder)
+    explained = _explained_items(dset.folder)
+    feats = _explain_features(explained)
     features = sorted({f for d in feats.values() for f in d})
     rho = [
         [float(feats.get(n, {}).get(f, {}).get("rho", float("nan"))) for f in features]
@@ -336,8 +331,7 @@ def evaluate_run(
         "source": "explanations/summary.json" if feats else None,
     }
     result["morphology"] = {n: feats[n] for n in names if n in feats}
-    result["frame_flags"] = _frame_flags(dset.folder)
-    result["imaging_drift"] = _imaging_drift(dset.folder)
+    result.update(_sweep_warnings(explained))
 
     # ground truth when the data came with a spec and factors.csv
     data_root = Path(plan.source)

@@ -19,7 +19,7 @@ import jinja2
 
 from diffex import __version__
 from diffex.errors import DiffexError
-from diffex.explain.guard import flagged_frames, imaging_drift
+from diffex.explain.guard import DRIFT_RHO, flagged_frames, imaging_drift
 from diffex.io.atomic import read_json, write_atomic
 
 TEMPLATE = "report.html.j2"
@@ -431,6 +431,7 @@ def build_report(run: str | Path, out: str | Path | None = None) -> Path:
         "directions": _directions_section(root),
         "gcd": _gcd_section(root),
         "evaluation": _evaluation_section(root),
+        "drift_rho": DRIFT_RHO,
     }
     if not any(context[k] for k in ("data", "classifier", "autoencoder", "directions")):
         raise DiffexError(f"{root} holds no DiffEx results to report (no data.json)")
