@@ -3,7 +3,10 @@ autoencoder step) on this CPU at batch 32; with ``--classifier``, also one train
 demo's classifier (``small`` preset, batch 64, 48 px).
 
 Run: ``OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_unet_cpu.py [--preset cpu64] [--batch 32]
-[--no-channels-last] [--bf16] [--compile] [--classifier]``
+[--no-channels-last] [--bf16] [--compile] [--classifier] [--size PX] [--attn RES,...]``
+
+``--size`` builds the networks (and the classifier) for another image size; ``--attn`` sets the
+UNet's attention resolutions (``--attn=`` for none besides the middle block).
 
 ``--bf16`` runs the steps under bf16 autocast (as the autoencoder trains on a CPU with native
 bf16); ``--compile`` wraps the networks in ``torch.compile`` (its compile time is reported
@@ -16,6 +19,7 @@ import argparse
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -104,13 +108,27 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks")
     parser.add_argument("--classifier", action="store_true", help="also time the classifier")
+    parser.add_argument("--size", type=int, help="image size [default: the preset's]")
+    parser.add_argument(
+        "--attn",
+        help="comma-separated attention resolutions of the UNet, '' for none "
+        "[default: the preset's]",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    unet = UNet(UNET_PRESETS[args.preset]).train()
-    encoder = SemanticEncoder(ENCODER_PRESETS[args.preset]).train()
+    overrides: dict = {"image_size": args.size} if args.size else {}
+    unet_cfg = replace(UNET_PRESETS[args.preset], **overrides)
+    if args.attn is not None:
+        attn = tuple(int(r) for r in args.attn.split(",") if r.strip())
+        unet_cfg = replace(unet_cfg, attn_resolutions=attn)
+    unet = UNet(unet_cfg).train()
+    encoder = SemanticEncoder(replace(ENCODER_PRESETS[args.preset], **overrides)).train()
+    levels = [unet_cfg.image_size >> i for i in range(len(unet_cfg.channel_mult))]
+    attends = [r for r in levels if r in unet_cfg.attn_resolutions] or "none"
     print(
-        f"preset {args.preset}: UNet {count_parameters(unet):,} params, "
+        f"preset {args.preset} at {unet_cfg.image_size} px (feature maps {levels}; attention "
+        f"at {attends} and in the middle block): UNet {count_parameters(unet):,} params, "
         f"encoder {count_parameters(encoder):,} params"
     )
     channels_last = not args.no_channels_last
@@ -124,8 +142,9 @@ def main() -> None:
         f"encoder+UNet fwd+bwd {full_ms:.0f} ms"
     )
     if args.classifier:
-        ms = time_classifier(args.repeats, channels_last)
-        print(f"classifier (small, batch 64, 48 px) training step, {layout}: {ms:.0f} ms")
+        size = args.size or 48
+        ms = time_classifier(args.repeats, channels_last, size=size)
+        print(f"classifier (small, batch 64, {size} px) training step, {layout}: {ms:.0f} ms")
 
 
 if __name__ == "__main__":
