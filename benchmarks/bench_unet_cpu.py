@@ -19,13 +19,12 @@ import argparse
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import replace
 
 import torch
 
 from diffex.models.classifier import ClassifierConfig, ResNetClassifier
-from diffex.models.encoder import ENCODER_PRESETS, SemanticEncoder
-from diffex.models.unet import UNET_PRESETS, UNet, count_parameters
+from diffex.models.encoder import SemanticEncoder, encoder_preset
+from diffex.models.unet import UNET_PRESETS, UNet, count_parameters, unet_preset
 
 
 def time_step(
@@ -111,19 +110,18 @@ def main() -> None:
     parser.add_argument("--size", type=int, help="image size [default: the preset's]")
     parser.add_argument(
         "--attn",
+        type=lambda text: tuple(int(r) for r in text.split(",") if r.strip()),
         help="comma-separated attention resolutions of the UNet, '' for none "
         "[default: the preset's]",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    overrides: dict = {"image_size": args.size} if args.size else {}
-    unet_cfg = replace(UNET_PRESETS[args.preset], **overrides)
-    if args.attn is not None:
-        attn = tuple(int(r) for r in args.attn.split(",") if r.strip())
-        unet_cfg = replace(unet_cfg, attn_resolutions=attn)
+    size: dict = {"image_size": args.size} if args.size else {}
+    attn: dict = {} if args.attn is None else {"attn_resolutions": args.attn}
+    unet_cfg = unet_preset(args.preset, **size, **attn)
     unet = UNet(unet_cfg).train()
-    encoder = SemanticEncoder(replace(ENCODER_PRESETS[args.preset], **overrides)).train()
+    encoder = SemanticEncoder(encoder_preset(args.preset, **size)).train()
     levels = [unet_cfg.image_size >> i for i in range(len(unet_cfg.channel_mult))]
     attends = [r for r in levels if r in unet_cfg.attn_resolutions] or "none"
     print(
