@@ -42,6 +42,9 @@ class ClassifierTrainConfig:
     min_steps: int = 200
     temperature_scaling: bool = True
     augment: bool = True
+    #: sd of a random log-gain applied to every channel of an image at once (0: off); teaches
+    #: the classifier to ignore the overall stain gain, for data where it is a nuisance.
+    gain_sd: float = 0.0
     checkpoint_every: int = 100
     seed: int = 0
 
@@ -51,6 +54,8 @@ class ClassifierTrainConfig:
                 raise DiffexError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.image_size < 16:
             raise DiffexError(f"image_size must be >= 16, got {self.image_size}")
+        if not 0.0 <= float(self.gain_sd) <= 1.0:
+            raise DiffexError(f"gain_sd must be between 0 and 1, got {self.gain_sd}")
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator, rotate: bool = True) -> torch.Tensor:
@@ -68,6 +73,13 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, rotate: bool = Tr
         if len(sel):
             out[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
     return out
+
+
+def gain_batch(x: torch.Tensor, generator: torch.Generator, sd: float) -> torch.Tensor:
+    """Multiply each image's signal above the normalisation's low percentile (-1 in model space)
+    by one random gain ``exp(N(0, sd))`` shared by its channels, clipped back to [-1, 1]."""
+    g = torch.exp(sd * torch.randn(x.shape[0], generator=generator)).to(x.device, x.dtype)
+    return ((x + 1.0) * g[:, None, None, None] - 1.0).clamp(-1.0, 1.0)
 
 
 @torch.no_grad()
@@ -121,6 +133,8 @@ def train_classifier(
         x, y = batch
         if cfg.augment:
             x = augment_batch(x, aug_gen, rotate=plan.orientation == "any")
+        if cfg.gain_sd > 0:
+            x = gain_batch(x, aug_gen, cfg.gain_sd)
         logits = m(x.to(device, non_blocking=True))
         return {"loss": F.cross_entropy(logits, y.to(device))}
 
