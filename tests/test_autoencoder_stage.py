@@ -9,6 +9,7 @@ import torch
 from conftest import make_blob_folder
 
 from diffex.io.atomic import read_json
+from diffex.models.unet import AttentionBlock
 from diffex.runtime import resolve_precision
 from diffex.train.autoencoder import AutoencoderTrainConfig, load_autoencoder, train_autoencoder
 from diffex.train.classifier import ClassifierTrainConfig, train_classifier
@@ -79,9 +80,11 @@ def test_checkpoint_reload_gives_identical_outputs(trained_run: tuple[Path, dict
     assert not a.classifier.training
 
 
-def test_z_norm_reaches_the_saved_model(trained_run: tuple[Path, dict], tmp_path: Path) -> None:
-    """``--z-norm`` on train-autoencoder builds, saves and reloads a UNet that
-    layer-normalises z_sem; the option is off by default."""
+def test_z_norm_and_attention_reach_the_saved_model(
+    trained_run: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """``--z-norm`` and ``--attention none`` on train-autoencoder build, save and reload a UNet
+    that layer-normalises z_sem and has no attention block; both are off by default."""
     import shutil
 
     from diffex.cli import main
@@ -92,8 +95,16 @@ def test_z_norm_reaches_the_saved_model(trained_run: tuple[Path, dict], tmp_path
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("autoencoder"))
     args = ["--steps", "2", "--preset", "tiny", "--ddim-steps", "2", "--sample-every", "2"]
     assert (
-        main(["--device", "cpu", "train-autoencoder", "--run", str(copy), *args, "--z-norm"]) == 0
+        main(
+            ["--device", "cpu", "train-autoencoder", "--run", str(copy), *args, "--z-norm"]
+            + ["--attention", "none"]
+        )
+        == 0
     )
     saved = read_json(copy / "autoencoder" / "config.json")
     assert saved["model"]["unet"]["z_norm"] is True and saved["train"]["z_norm"] is True
-    assert load_autoencoder(copy).config.unet.z_norm is True
+    assert saved["train"]["attention"] == [] and saved["model"]["unet"]["attn_resolutions"] == []
+    assert any(isinstance(m, AttentionBlock) for m in load_autoencoder(run).modules())
+    reloaded = load_autoencoder(copy)
+    assert reloaded.config.unet.z_norm is True
+    assert not any(isinstance(m, AttentionBlock) for m in reloaded.modules())

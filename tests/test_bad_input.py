@@ -175,3 +175,9 @@ def test_output_path_under_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[
     out = blocker / "data"
     code, err = run_cli(["synth", "--out", str(out), "--n", "4", "--size", "32"], capsys)
     assert_one_line_error(code, err, str(out), "Not a directory")
+
+
+def test_bad_attention_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--device", "cpu", "train-autoencoder", "--run", str(tmp_path / "r")]
+    code, err = run_cli([*args, "--attention", "16,eight"], capsys)
+    assert_one_line_error(code, err, "--attention", "16,eight")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import make_blob_folder
 
+from diffex.errors import DiffexError
 from diffex.evaluate.classification import (
     classification_metrics,
     expected_calibration_error,
@@ -22,6 +23,7 @@ from diffex.rundir import RunDir
 from diffex.train.classifier import (
     ClassifierTrainConfig,
     augment_batch,
+    gain_batch,
     load_classifier,
     predict,
     train_classifier,
@@ -62,6 +64,23 @@ def test_augment_keeps_content() -> None:
     y = augment_batch(x, torch.Generator().manual_seed(0))
     for a, b in zip(x, y, strict=True):
         assert torch.equal(a.flatten().sort().values, b.flatten().sort().values)
+
+
+def test_gain_scales_all_channels_of_an_image_alike() -> None:
+    """One gain per image, shared by its channels, applied above -1 (the low percentile) and
+    clipped; the same generator state gives the same gains, and sd 0 changes nothing."""
+    x = torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.6 - 0.9
+    y = gain_batch(x, torch.Generator().manual_seed(0), 0.2)
+    assert y.min() >= -1.0 and y.max() <= 1.0
+    ratio = (y + 1.0) / (x + 1.0)
+    per_image = ratio.flatten(1)
+    assert torch.allclose(per_image, per_image[:, :1].expand_as(per_image), atol=1e-5)
+    gains = per_image[:, 0]
+    assert gains.std() > 0.1 and (gains > 1).any() and (gains < 1).any()
+    assert torch.equal(y, gain_batch(x, torch.Generator().manual_seed(0), 0.2))
+    assert torch.allclose(gain_batch(x, torch.Generator().manual_seed(0), 0.0), x)
+    with pytest.raises(DiffexError, match="gain_sd"):
+        ClassifierTrainConfig(gain_sd=-0.1)
 
 
 def test_model_satisfies_protocol() -> None:

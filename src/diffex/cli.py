@@ -377,6 +377,15 @@ def _classifier_options(f: Any) -> Any:
             help="Train at least this many steps, however small the data set.",
         ),
         click.option(
+            "--gain-sd",
+            type=click.FloatRange(0.0, 1.0),
+            default=0.0,
+            show_default=True,
+            help="Augment with a random overall stain gain exp(N(0, SD)) per image, shared by "
+            "its channels, so the classifier learns to ignore it (0 = off; use it only where "
+            "the gain is not biology).",
+        ),
+        click.option(
             "--temperature/--no-temperature",
             default=True,
             show_default=True,
@@ -632,6 +641,13 @@ def _autoencoder_options(f: Any) -> Any:
             help=Z_NORM_HELP,
         ),
         click.option(
+            "--attention",
+            default=None,
+            metavar="PX,...",
+            help="Feature-map sizes (px) whose UNet blocks use self-attention, comma-separated, "
+            "or 'none' [default: the preset's, 16 and 8 for cpu64].",
+        ),
+        click.option(
             "--t-skew",
             type=float,
             default=1.0,
@@ -667,6 +683,20 @@ def _autoencoder_options(f: Any) -> Any:
     return f
 
 
+def _attention(text: str | None) -> list[int] | None:
+    """``--attention``: None (the preset's), [] for 'none', else the listed feature-map sizes."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return []
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DiffexError(
+            f"--attention must be comma-separated sizes in px or 'none', got {text!r}"
+        ) from None
+
+
 def _autoencoder_config(opts: Options, **kw: Any) -> Any:
     from diffex.train.autoencoder import AutoencoderTrainConfig
 
@@ -678,6 +708,7 @@ def _autoencoder_config(opts: Options, **kw: Any) -> Any:
         classifier_output=kw["classifier_output"],
         prediction=kw["prediction"],
         z_norm=kw["z_norm"],
+        attention=_attention(kw["attention"]),
         t_skew=kw["t_skew"],
         consistency_weight=kw["consistency_weight"],
         ddim_steps=kw["ddim_steps"],
@@ -786,6 +817,14 @@ def _print_autoencoder(metrics: dict[str, Any], run: Path) -> None:
     help="Weight of the penalty on edits that change the background level, move the cell in "
     "its frame or change the nucleus channel's gain (squared change in natural sds of real "
     "images; image objectives only, 0 = off).",
+)
+@click.option(
+    "--signs",
+    type=click.Choice(["plus", "both"]),
+    default="plus",
+    show_default=True,
+    help="Train edits at +alpha only, or at a random sign per image (the penalty then also "
+    "holds the reverse half of a sweep).",
 )
 @_precision_option(
     f"auto: the one-step decodes under bf16 autocast {_NATIVE_BF16}, else fp32; features and "

@@ -125,13 +125,16 @@ def _stage_marker(out: Path, stage: str) -> Path:
     return out / ".stages" / f"{stage}.json"
 
 
-#: Settings added after runs existed, with the value that reproduces what those runs did: an
-#: autoencoder recorded without ``z_norm`` conditioned on raw z_sem; a directions stage recorded
-#: without ``restarts`` trained one set, and in fp32; rank, explain and evaluate recorded
-#: without ``precision`` decoded in fp32.
+#: Settings added after runs existed, with the value that reproduces what those runs did: a
+#: classifier recorded without ``gain_sd`` trained without gain augmentation; an autoencoder
+#: recorded without ``z_norm`` conditioned on raw z_sem, and without ``attention`` used the
+#: preset's; a directions stage recorded without ``restarts`` trained one set, in fp32, and
+#: without ``signs`` at +alpha only; rank, explain and evaluate recorded without ``precision``
+#: decoded in fp32.
 LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
-    "autoencoder": {"z_norm": False},
-    "directions": {"restarts": 1, "precision": "fp32"},
+    "classifier": {"gain_sd": 0.0},
+    "autoencoder": {"z_norm": False, "attention": None},
+    "directions": {"restarts": 1, "precision": "fp32", "signs": "plus"},
     **{stage: {"precision": "fp32"} for stage in ("rank", "explain", "evaluate")},
 }
 

@@ -36,6 +36,8 @@ class AutoencoderTrainConfig:
     prediction: str = "v"
     z_dim: int | None = None
     z_norm: bool = False
+    #: feature-map sizes (px) with self-attention in the UNet; None keeps the preset's
+    attention: list[int] | None = None
     steps: int = 2000
     batch_size: int = 32
     lr: float = 3e-4
@@ -61,6 +63,10 @@ class AutoencoderTrainConfig:
         for key in ("steps", "batch_size", "eval_images", "ddim_steps"):
             if int(getattr(self, key)) < 1:
                 raise DiffexError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.attention is not None:
+            self.attention = [int(r) for r in self.attention]
+            if any(r < 1 for r in self.attention):
+                raise DiffexError(f"attention sizes must be >= 1 px, got {self.attention}")
         if self.t_skew < 0:
             raise DiffexError(f"t_skew must be >= 0, got {self.t_skew}")
         if self.consistency_weight < 0:
@@ -108,7 +114,10 @@ def train_autoencoder(
         plan.channels,
         plan.image_size,
         classifier_output=cfg.classifier_output,
-        unet_overrides={"z_norm": cfg.z_norm},
+        unet_overrides={
+            "z_norm": cfg.z_norm,
+            **({} if cfg.attention is None else {"attn_resolutions": tuple(cfg.attention)}),
+        },
         prediction=cfg.prediction,
         **({"z_dim": cfg.z_dim} if cfg.z_dim else {}),
     )

@@ -39,6 +39,9 @@ from diffex.train.autoencoder import load_autoencoder
 from diffex.train.loop import EpochSampler, LoopConfig, run_loop
 from diffex.train.resume import stage_resume, weights_digest
 
+#: Which signs of alpha the directions are trained at (see DirectionTrainConfig).
+SIGNS: tuple[str, ...] = ("plus", "both")
+
 
 @dataclass
 class DirectionTrainConfig:
@@ -52,7 +55,11 @@ class DirectionTrainConfig:
 
     ``precision``: ``auto`` runs the one-step decodes (the UNet, most of a step's work) under
     bf16 autocast where the hardware has native bf16, as the autoencoder trains; the features,
-    the direction models, the statistics and the losses stay fp32."""
+    the direction models, the statistics and the losses stay fp32.
+
+    ``signs``: ``plus`` trains every edit at +alpha; ``both`` draws the sign of each image's
+    edits at random, so the invariance penalty also holds the reverse half of a sweep (which the
+    explanations show) and the contrast compares sign-corrected feature changes."""
 
     k: int = 10
     restarts: int = 2
@@ -71,9 +78,12 @@ class DirectionTrainConfig:
     checkpoint_every: int = 50
     seed: int = 0
     precision: str = "auto"
+    signs: str = "plus"
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        if self.signs not in SIGNS:
+            raise DiffexError(f"signs {self.signs!r} must be one of {', '.join(SIGNS)}")
         if self.objective not in OBJECTIVES:
             raise DiffexError(
                 f"objective {self.objective!r} must be one of {', '.join(OBJECTIVES)}"
@@ -138,6 +148,7 @@ def edit_features(
     spread: Tensor | None = None,
     gain_channel: int | None = None,
     bf16: bool = False,
+    both_signs: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Contrastive features of all K edits of a batch: (features (K*B, F), labels, units,
     invariance penalty). The penalty (:func:`diffex.models.nuisance.invariance_penalty` of the
@@ -145,19 +156,25 @@ def edit_features(
     natural sd of the statistics, is given and the objective decodes images; else it is None.
     ``gain_channel`` (the nucleus channel, if any) adds its gain to the statistics. ``bf16``
     runs the one-step decodes under bf16 autocast; the features (whose differences between an
-    edit and its base are the contrast) and all else stay fp32."""
+    edit and its base are the contrast) and all else stay fp32. ``both_signs`` edits each image
+    at +alpha or -alpha (drawn from ``generator``) and multiplies its feature changes by the
+    sign, so that both halves of a direction count as the same direction."""
     editor = trainer.editor
     space, dirs = editor.space, editor.directions
     zs = space.standardise(z)
     units = dirs.units(zs)  # (K, B, D)
     k, b, _ = units.shape
-    edited = zs[None] + alpha * space.gap * units  # (K, B, D) standardised
+    sign = torch.ones(b, device=z.device)
+    if both_signs:
+        sign = (torch.randint(0, 2, (b,), generator=generator) * 2 - 1).to(z.device, z.dtype)
+    edited = zs[None] + alpha * space.gap * sign[None, :, None] * units  # (K, B, D) standardised
     labels = torch.arange(k, device=z.device).repeat_interleave(b)
+    row_sign = sign.repeat(k)[:, None]  # rows are (direction, image), image fastest
     if objective == "paper":
         assert trainer.projector is not None
         base = trainer.projector(zs)
         feats = trainer.projector(edited.reshape(k * b, -1)) - base.repeat(k, 1)
-        return feats, labels, units, None
+        return feats * row_sign, labels, units, None
     # One-step decode of each edit from the same noisy image at t_edit.
     t = torch.full((b,), t_edit, dtype=torch.long, device=x.device)
     noise = torch.randn(x.shape, generator=generator).to(x.device)
@@ -169,7 +186,7 @@ def edit_features(
     with torch.no_grad():
         x0_base = one_step_x0(ae, x_t, t, z, bf16)
         base = phi(x0_base).float()
-    feats = phi(x0_edit).float() - base.repeat(k, 1)
+    feats = (phi(x0_edit).float() - base.repeat(k, 1)) * row_sign
     penalty = None if spread is None else invariance_penalty(x0_edit, x0_base, spread, gain_channel)
     return feats, labels, units, penalty
 
@@ -236,6 +253,7 @@ def train_directions(
                 spread,
                 gain_channel,
                 bf16,
+                cfg.signs == "both",
             )
             loss = contrastive_loss(feats, labels)
             out = {"contrastive": loss}
@@ -263,6 +281,7 @@ def train_directions(
                     spread,
                     gain_channel,
                     bf16,
+                    cfg.signs == "both",
                 )
                 out = {
                     "heldout_loss": float(contrastive_loss(feats, labels)),
