@@ -23,7 +23,9 @@ from diffex.models.directions import (
 )
 from diffex.train.directions import (
     DirectionTrainConfig,
+    DirectionTrainer,
     direction_sets,
+    edit_features,
     one_step_x0,
     semantic_latents,
 )
@@ -141,3 +143,41 @@ def test_concatenated_sets_edit_like_their_parts(kind: str) -> None:
     other = DirectionModels(DirectionModelConfig(z_dim=6, k=3, kind=kind, hidden=16))
     with pytest.raises(DiffexError, match="architectures"):
         DirectionModels.concat([sets[0], other])
+
+
+def test_both_signs_edit_each_image_at_a_random_sign_and_correct_its_features() -> None:
+    """With ``both_signs`` an image drawn -1 is edited like the plus-only edit of the negated
+    direction, and its feature change is multiplied by -1; an image drawn +1 is edited like
+    the plus-only edit. Labels stay the direction's index."""
+    ae, _ = _make()
+    _wake(ae)
+    ae.eval().requires_grad_(False)
+    x = _images(8)
+    z = semantic_latents(ae, x)
+    space = LatentSpace(z.shape[1], 2).fit(z, torch.arange(8) % 2)
+    cfg = DirectionModelConfig(z_dim=z.shape[1], k=3, kind="global")
+    trainer = DirectionTrainer(LatentEditor(space, DirectionModels(cfg)), "classifier", z.shape[1])
+    flipped = DirectionTrainer(LatentEditor(space, DirectionModels(cfg)), "classifier", z.shape[1])
+    with torch.no_grad():
+        flipped.editor.directions.vectors.copy_(-trainer.editor.directions.vectors)
+
+    def feats(model: DirectionTrainer, both: bool, skip_signs: bool) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(5)
+        if skip_signs:  # consume the sign draw so that the noise matches the both-signs call
+            torch.randint(0, 2, (8,), generator=gen)
+        f, labels, _, _ = edit_features(
+            model, ae, "classifier", z, x, 0.5, 50, gen, both_signs=both
+        )
+        assert torch.equal(labels, torch.arange(3).repeat_interleave(8))
+        return f
+
+    sign = torch.randint(0, 2, (8,), generator=torch.Generator().manual_seed(5)) * 2 - 1
+    assert (sign > 0).any() and (sign < 0).any()
+    both = feats(trainer, True, False)
+    plus, minus = feats(trainer, False, True), feats(flipped, False, True)
+    row_sign = sign.repeat(3)
+    torch.testing.assert_close(both[row_sign > 0], plus[row_sign > 0])
+    torch.testing.assert_close(both[row_sign < 0], -minus[row_sign < 0])
+    assert not torch.allclose(both, plus)
+    with pytest.raises(DiffexError, match="signs"):
+        DirectionTrainConfig(signs="minus")
