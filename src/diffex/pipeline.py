@@ -134,7 +134,7 @@ def _stage_marker(out: Path, stage: str) -> Path:
 LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
     "classifier": {"gain_sd": 0.0},
     "autoencoder": {"z_norm": False, "attention": None},
-    "directions": {"restarts": 1, "precision": "fp32", "signs": "plus"},
+    "directions": {"restarts": 1, "precision": "fp32", "signs": "plus", "reverse": 0.0},
     **{stage: {"precision": "fp32"} for stage in ("rank", "explain", "evaluate")},
 }
 

@@ -59,7 +59,11 @@ class DirectionTrainConfig:
 
     ``signs``: ``plus`` trains every edit at +alpha; ``both`` draws the sign of each image's
     edits at random, so the invariance penalty also holds the reverse half of a sweep (which the
-    explanations show) and the contrast compares sign-corrected feature changes."""
+    explanations show) and the contrast compares sign-corrected feature changes.
+
+    ``reverse``: also decode every edit at -alpha and add its invariance penalty, weighted by
+    ``reverse`` relative to the +alpha edit's (0 = off; it costs a second one-step decode of
+    every edit). The contrast still sees the +alpha edits only."""
 
     k: int = 10
     restarts: int = 2
@@ -79,6 +83,7 @@ class DirectionTrainConfig:
     seed: int = 0
     precision: str = "auto"
     signs: str = "plus"
+    reverse: float = 0.0
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -100,6 +105,8 @@ class DirectionTrainConfig:
             raise DiffexError(f"k must be >= 2 (negatives need other directions), got {self.k}")
         if self.restarts < 1:
             raise DiffexError(f"restarts must be >= 1, got {self.restarts}")
+        if self.reverse < 0:
+            raise DiffexError(f"reverse must be >= 0, got {self.reverse}")
         if self.invariance < 0 or self.decorrelation < 0:
             raise DiffexError(
                 f"penalty weights must be >= 0, got invariance {self.invariance} and "
@@ -149,6 +156,7 @@ def edit_features(
     gain_channel: int | None = None,
     bf16: bool = False,
     both_signs: bool = False,
+    reverse: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Contrastive features of all K edits of a batch: (features (K*B, F), labels, units,
     invariance penalty). The penalty (:func:`diffex.models.nuisance.invariance_penalty` of the
@@ -158,7 +166,8 @@ def edit_features(
     runs the one-step decodes under bf16 autocast; the features (whose differences between an
     edit and its base are the contrast) and all else stay fp32. ``both_signs`` edits each image
     at +alpha or -alpha (drawn from ``generator``) and multiplies its feature changes by the
-    sign, so that both halves of a direction count as the same direction."""
+    sign, so that both halves of a direction count as the same direction. ``reverse`` > 0 adds
+    ``reverse`` times the penalty of the same edits decoded at the opposite sign."""
     editor = trainer.editor
     space, dirs = editor.space, editor.directions
     zs = space.standardise(z)
@@ -187,7 +196,14 @@ def edit_features(
         x0_base = one_step_x0(ae, x_t, t, z, bf16)
         base = phi(x0_base).float()
     feats = (phi(x0_edit).float() - base.repeat(k, 1)) * row_sign
-    penalty = None if spread is None else invariance_penalty(x0_edit, x0_base, spread, gain_channel)
+    if spread is None:
+        return feats, labels, units, None
+    penalty = invariance_penalty(x0_edit, x0_base, spread, gain_channel)
+    if reverse > 0:
+        opposite = zs[None] - alpha * space.gap * sign[None, :, None] * units
+        z_opp = space.unstandardise(opposite.reshape(k * b, -1))
+        x0_opp = one_step_x0(ae, x_t_rep, t_rep, z_opp, bf16)
+        penalty = penalty + reverse * invariance_penalty(x0_opp, x0_base, spread, gain_channel)
     return feats, labels, units, penalty
 
 
@@ -254,6 +270,7 @@ def train_directions(
                 gain_channel,
                 bf16,
                 cfg.signs == "both",
+                cfg.reverse,
             )
             loss = contrastive_loss(feats, labels)
             out = {"contrastive": loss}
@@ -282,6 +299,7 @@ def train_directions(
                     gain_channel,
                     bf16,
                     cfg.signs == "both",
+                    cfg.reverse,
                 )
                 out = {
                     "heldout_loss": float(contrastive_loss(feats, labels)),
