@@ -181,3 +181,34 @@ def test_both_signs_edit_each_image_at_a_random_sign_and_correct_its_features() 
     assert not torch.allclose(both, plus)
     with pytest.raises(DiffexError, match="signs"):
         DirectionTrainConfig(signs="minus")
+
+
+def test_reverse_adds_the_penalty_of_the_opposite_edit() -> None:
+    """``reverse`` adds ``reverse`` times the invariance penalty of each edit decoded at the
+    opposite sign: the same as the plus-only penalty of the negated directions."""
+    from diffex.models.nuisance import natural_spread
+
+    ae, _ = _make()
+    _wake(ae)
+    ae.eval().requires_grad_(False)
+    x = _images(8)
+    z = semantic_latents(ae, x)
+    space = LatentSpace(z.shape[1], 2).fit(z, torch.arange(8) % 2)
+    cfg = DirectionModelConfig(z_dim=z.shape[1], k=3, kind="global")
+    trainer = DirectionTrainer(LatentEditor(space, DirectionModels(cfg)), "classifier", z.shape[1])
+    flipped = DirectionTrainer(LatentEditor(space, DirectionModels(cfg)), "classifier", z.shape[1])
+    with torch.no_grad():
+        flipped.editor.directions.vectors.copy_(-trainer.editor.directions.vectors)
+    spread = natural_spread(x, 0)
+
+    def penalty(model: DirectionTrainer, reverse: float) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(5)
+        out = edit_features(model, ae, "classifier", z, x, 0.5, 50, gen, spread, 0, reverse=reverse)
+        assert out[3] is not None
+        return out[3].detach()
+
+    plus, minus = penalty(trainer, 0.0), penalty(flipped, 0.0)
+    assert float(plus) > 0 and float(minus) > 0 and not torch.isclose(plus, minus)
+    torch.testing.assert_close(penalty(trainer, 0.5), plus + 0.5 * minus)
+    with pytest.raises(DiffexError, match="reverse"):
+        DirectionTrainConfig(reverse=-1.0)
