@@ -133,7 +133,7 @@ def _stage_marker(out: Path, stage: str) -> Path:
 #: decoded in fp32.
 LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
     "classifier": {"gain_sd": 0.0},
-    "autoencoder": {"z_norm": False, "attention": None},
+    "autoencoder": {"z_norm": False, "attention": None, "gain_sd": 0.0},
     "directions": {"restarts": 1, "precision": "fp32", "signs": "plus", "reverse": 0.0},
     **{stage: {"precision": "fp32"} for stage in ("rank", "explain", "evaluate")},
 }

@@ -21,7 +21,7 @@ from diffex.report.grids import reconstruction_grid
 from diffex.report.plots import training_curve
 from diffex.rundir import RunDir
 from diffex.runtime import check_precision, resolve_precision, to_channels_last
-from diffex.train.classifier import augment_batch, load_classifier
+from diffex.train.classifier import augment_batch, gain_batch, load_classifier
 from diffex.train.distributed import rank, training_pool
 from diffex.train.loop import EpochSampler, LoopConfig, run_loop
 from diffex.train.resume import stage_resume, weights_digest
@@ -51,6 +51,9 @@ class AutoencoderTrainConfig:
     consistency_tmax: int = 200
     consistency_fraction: float = 1.0
     augment: bool = True
+    #: sd of a random log-gain per training image, shared by its channels (0: off); see
+    #: :func:`diffex.train.classifier.gain_batch`
+    gain_sd: float = 0.0
     sample_every: int = 500
     eval_images: int = 128
     ddim_steps: int = 50
@@ -67,6 +70,8 @@ class AutoencoderTrainConfig:
             self.attention = [int(r) for r in self.attention]
             if any(r < 1 for r in self.attention):
                 raise DiffexError(f"attention sizes must be >= 1 px, got {self.attention}")
+        if not 0.0 <= float(self.gain_sd) <= 1.0:
+            raise DiffexError(f"gain_sd must be between 0 and 1, got {self.gain_sd}")
         if self.t_skew < 0:
             raise DiffexError(f"t_skew must be >= 0, got {self.t_skew}")
         if self.consistency_weight < 0:
@@ -151,6 +156,8 @@ def train_autoencoder(
     def loss_fn(m: torch.nn.Module, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         if cfg.augment:
             x = augment_batch(x, gen, rotate=plan.orientation == "any")
+        if cfg.gain_sd > 0:
+            x = gain_batch(x, gen, cfg.gain_sd)
         return m.training_loss(
             x.to(device, non_blocking=True),
             generator=gen,
