@@ -426,21 +426,6 @@ def test_restart_margin_is_the_paired_difference_of_the_best_edits() -> None:
     assert lone["runner_up"] is None and not lone["close"]
 
 
-def test_rank_cli_defaults_match_rank_config() -> None:
-    """The CLI repeats RankConfig's defaults (it imports the ranking code lazily); they agree."""
-    import dataclasses
-
-    from diffex.cli import cli
-    from diffex.explain.rank import RankConfig
-
-    fields = {f.name: f.default for f in dataclasses.fields(RankConfig)}
-    shared = [p for p in cli.commands["rank"].params if p.name in fields and p.name != "seed"]
-    given = [p for p in shared if isinstance(p.default, (bool, int, float, str))]  # not flags
-    assert len(given) >= 5
-    for p in given:
-        assert p.default == fields[p.name], p.name
-
-
 def test_source_split_takes_a_split_name_or_its_data_not_both():
     """The loaded data is assumed to be the held-out split; a split name beside it could
     silently disagree with it, so the two together are refused."""
