@@ -824,7 +824,16 @@ def _print_autoencoder(metrics: dict[str, Any], run: Path) -> None:
     default="plus",
     show_default=True,
     help="Train edits at +alpha only, or at a random sign per image (the penalty then also "
-    "holds the reverse half of a sweep).",
+    "holds the reverse half of a sweep; measured on the demo, it weakens the edits: "
+    "BENCHMARKS.md).",
+)
+@click.option(
+    "--reverse",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Also decode each edit at -alpha and add this weight times its invariance penalty "
+    "(0 = off; doubles the decodes; measured on the demo, it weakens the edits).",
 )
 @_precision_option(
     f"auto: the one-step decodes under bf16 autocast {_NATIVE_BF16}, else fp32; features and "
