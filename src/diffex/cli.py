@@ -641,6 +641,14 @@ def _autoencoder_options(f: Any) -> Any:
             help=Z_NORM_HELP,
         ),
         click.option(
+            "--gain-sd",
+            type=click.FloatRange(0.0, 1.0),
+            default=0.0,
+            show_default=True,
+            help="Train on images with a random overall stain gain exp(N(0, SD)) (0 = off; "
+            "measured on the demo, it does not stop the reverse-half dimming: BENCHMARKS.md).",
+        ),
+        click.option(
             "--attention",
             default=None,
             metavar="PX,...",
@@ -709,6 +717,7 @@ def _autoencoder_config(opts: Options, **kw: Any) -> Any:
         prediction=kw["prediction"],
         z_norm=kw["z_norm"],
         attention=_attention(kw["attention"]),
+        gain_sd=kw["gain_sd"],
         t_skew=kw["t_skew"],
         consistency_weight=kw["consistency_weight"],
         ddim_steps=kw["ddim_steps"],
