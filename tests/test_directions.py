@@ -10,6 +10,7 @@ from test_autoencoder import _images, _make, _wake
 
 from diffex.diffusion import q_sample
 from diffex.errors import DiffexError
+from diffex.models.autoencoder import DiffusionAutoencoder
 from diffex.models.contrastive import (
     contrastive_accuracy,
     contrastive_loss,
@@ -145,10 +146,11 @@ def test_concatenated_sets_edit_like_their_parts(kind: str) -> None:
         DirectionModels.concat([sets[0], other])
 
 
-def test_both_signs_edit_each_image_at_a_random_sign_and_correct_its_features() -> None:
-    """With ``both_signs`` an image drawn -1 is edited like the plus-only edit of the negated
-    direction, and its feature change is multiplied by -1; an image drawn +1 is edited like
-    the plus-only edit. Labels stay the direction's index."""
+def _global_pair() -> tuple[
+    DiffusionAutoencoder, torch.Tensor, torch.Tensor, DirectionTrainer, DirectionTrainer
+]:
+    """A tiny awake autoencoder, 8 images, their z_sem, and a trainer of K = 3 global
+    directions beside one whose directions are the negated ones."""
     ae, _ = _make()
     _wake(ae)
     ae.eval().requires_grad_(False)
@@ -160,6 +162,14 @@ def test_both_signs_edit_each_image_at_a_random_sign_and_correct_its_features() 
     flipped = DirectionTrainer(LatentEditor(space, DirectionModels(cfg)), "classifier", z.shape[1])
     with torch.no_grad():
         flipped.editor.directions.vectors.copy_(-trainer.editor.directions.vectors)
+    return ae, x, z, trainer, flipped
+
+
+def test_both_signs_edit_each_image_at_a_random_sign_and_correct_its_features() -> None:
+    """With ``both_signs`` an image drawn -1 is edited like the plus-only edit of the negated
+    direction, and its feature change is multiplied by -1; an image drawn +1 is edited like
+    the plus-only edit. Labels stay the direction's index."""
+    ae, x, z, trainer, flipped = _global_pair()
 
     def feats(model: DirectionTrainer, both: bool, skip_signs: bool) -> torch.Tensor:
         gen = torch.Generator().manual_seed(5)
@@ -188,17 +198,7 @@ def test_reverse_adds_the_penalty_of_the_opposite_edit() -> None:
     opposite sign: the same as the plus-only penalty of the negated directions."""
     from diffex.models.nuisance import natural_spread
 
-    ae, _ = _make()
-    _wake(ae)
-    ae.eval().requires_grad_(False)
-    x = _images(8)
-    z = semantic_latents(ae, x)
-    space = LatentSpace(z.shape[1], 2).fit(z, torch.arange(8) % 2)
-    cfg = DirectionModelConfig(z_dim=z.shape[1], k=3, kind="global")
-    trainer = DirectionTrainer(LatentEditor(space, DirectionModels(cfg)), "classifier", z.shape[1])
-    flipped = DirectionTrainer(LatentEditor(space, DirectionModels(cfg)), "classifier", z.shape[1])
-    with torch.no_grad():
-        flipped.editor.directions.vectors.copy_(-trainer.editor.directions.vectors)
+    ae, x, z, trainer, flipped = _global_pair()
     spread = natural_spread(x, 0)
 
     def penalty(model: DirectionTrainer, reverse: float) -> torch.Tensor:
