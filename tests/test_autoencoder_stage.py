@@ -83,11 +83,12 @@ def test_checkpoint_reload_gives_identical_outputs(trained_run: tuple[Path, dict
 def test_z_norm_and_attention_reach_the_saved_model(
     trained_run: tuple[Path, dict], tmp_path: Path
 ) -> None:
-    """``--z-norm`` and ``--attention none`` on train-autoencoder build, save and reload a UNet
-    that layer-normalises z_sem and has no attention block; both are off by default."""
+    """``--z-norm`` and ``--attention 16,32`` on train-autoencoder build, save and reload a UNet
+    that layer-normalises z_sem and attends at those sizes on its down and up paths (the tiny
+    preset's 8 px is not reached at 32 px); 'none' parses to no sizes."""
     import shutil
 
-    from diffex.cli import main
+    from diffex.cli import _attention, main
 
     run, _ = trained_run
     assert load_autoencoder(run).config.unet.z_norm is False
@@ -97,14 +98,25 @@ def test_z_norm_and_attention_reach_the_saved_model(
     assert (
         main(
             ["--device", "cpu", "train-autoencoder", "--run", str(copy), *args, "--z-norm"]
-            + ["--attention", "none"]
+            + ["--attention", "16,32"]
         )
         == 0
     )
     saved = read_json(copy / "autoencoder" / "config.json")
     assert saved["model"]["unet"]["z_norm"] is True and saved["train"]["z_norm"] is True
-    assert saved["train"]["attention"] == [] and saved["model"]["unet"]["attn_resolutions"] == []
-    assert any(isinstance(m, AttentionBlock) for m in load_autoencoder(run).modules())
+    assert saved["train"]["attention"] == [16, 32]
+    assert saved["model"]["unet"]["attn_resolutions"] == [16, 32]
+
+    def level_attention(ae: torch.nn.Module) -> int:
+        """Attention blocks on the down and up paths (the middle block's is separate)."""
+        paths = [m for name, m in ae.named_modules() if name.endswith(("unet.down", "unet.up"))]
+        assert len(paths) == 2
+        return sum(isinstance(m, AttentionBlock) for p in paths for m in p.modules())
+
+    assert level_attention(load_autoencoder(run)) == 0  # tiny attends at 8 px: not reached
     reloaded = load_autoencoder(copy)
     assert reloaded.config.unet.z_norm is True
-    assert not any(isinstance(m, AttentionBlock) for m in reloaded.modules())
+    assert level_attention(reloaded) > 0
+    assert (
+        _attention("none") == [] and _attention(" 16, 8 ") == [16, 8] and _attention(None) is None
+    )

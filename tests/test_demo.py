@@ -152,7 +152,14 @@ def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
     write_json(tmp_path / ".stages" / "rank.json", {"config": old, "seconds": 1.0})
     now = {
         **old,
-        "directions": {"k": 10, "alpha": 2.0, "restarts": 1, "precision": "fp32"},
+        "directions": {
+            "k": 10,
+            "alpha": 2.0,
+            "restarts": 1,
+            "precision": "fp32",
+            "signs": "plus",
+            "reverse": 0.0,
+        },
         "rank": {"m": 3, "precision": "fp32"},  # rank's own legacy setting (fp32 decodes)
     }
     assert _done(tmp_path, "rank", now)
@@ -160,6 +167,8 @@ def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
     for precision in ("bf16", "auto"):
         moved = {**now["directions"], "precision": precision}
         assert not _done(tmp_path, "rank", {**now, "directions": moved})
+    for later in ({"signs": "both"}, {"reverse": 1.0}):  # settings added after restarts
+        assert not _done(tmp_path, "rank", {**now, "directions": {**now["directions"], **later}})
     assert not _done(tmp_path, "rank", {**now, "rank": {"m": 4, "precision": "fp32"}})
     assert not _done(tmp_path, "explain", now)  # no marker
 
@@ -171,10 +180,19 @@ def test_marker_from_before_z_norm_means_raw_z(tmp_path: Path) -> None:
     from diffex.pipeline import _done
 
     old = {"seed": 0, "autoencoder": {"steps": 1000}}
+    now = {"steps": 1000, "z_norm": False, "attention": None, "gain_sd": 0.0}
     for stage in ("autoencoder", "directions"):
         write_json(tmp_path / ".stages" / f"{stage}.json", {"config": old, "seconds": 1.0})
-        assert _done(tmp_path, stage, {**old, "autoencoder": {"steps": 1000, "z_norm": False}})
-        assert not _done(tmp_path, stage, {**old, "autoencoder": {"steps": 1000, "z_norm": True}})
+        assert _done(tmp_path, stage, {**old, "autoencoder": now})
+        for moved in ({"z_norm": True}, {"attention": []}, {"gain_sd": 0.15}):
+            assert not _done(tmp_path, stage, {**old, "autoencoder": {**now, **moved}})
+    # a classifier marker from before gain augmentation trained without it
+    old_clf = {"seed": 0, "classifier": {"epochs": 20}}
+    write_json(tmp_path / ".stages" / "classifier.json", {"config": old_clf, "seconds": 1.0})
+    assert _done(tmp_path, "classifier", {"seed": 0, "classifier": {"epochs": 20, "gain_sd": 0.0}})
+    assert not _done(
+        tmp_path, "classifier", {"seed": 0, "classifier": {"epochs": 20, "gain_sd": 0.15}}
+    )
 
 
 def test_marker_from_before_decode_precision_means_fp32(tmp_path: Path) -> None:

@@ -653,7 +653,8 @@ def _autoencoder_options(f: Any) -> Any:
             default=None,
             metavar="PX,...",
             help="Feature-map sizes (px) whose UNet blocks use self-attention, comma-separated, "
-            "or 'none' [default: the preset's, 16 and 8 for cpu64].",
+            "or 'none'; the middle block's attention stays [default: the preset's, 16 and 8 "
+            "for cpu64].",
         ),
         click.option(
             "--t-skew",
