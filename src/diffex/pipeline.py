@@ -126,11 +126,11 @@ def _stage_marker(out: Path, stage: str) -> Path:
 
 
 #: Settings added after runs existed, with the value that reproduces what those runs did: a
-#: classifier recorded without ``gain_sd`` trained without gain augmentation; an autoencoder
-#: recorded without ``z_norm`` conditioned on raw z_sem, and without ``attention`` used the
-#: preset's; a directions stage recorded without ``restarts`` trained one set, in fp32, and
-#: without ``signs`` at +alpha only; rank, explain and evaluate recorded without ``precision``
-#: decoded in fp32.
+#: classifier or autoencoder recorded without ``gain_sd`` trained without gain augmentation;
+#: an autoencoder recorded without ``z_norm`` conditioned on raw z_sem, and without
+#: ``attention`` used the preset's; a directions stage recorded without ``restarts`` trained
+#: one set, in fp32, and without ``signs`` or ``reverse`` at +alpha only; rank, explain and
+#: evaluate recorded without ``precision`` decoded in fp32.
 LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
     "classifier": {"gain_sd": 0.0},
     "autoencoder": {"z_norm": False, "attention": None, "gain_sd": 0.0},

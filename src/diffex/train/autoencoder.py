@@ -21,7 +21,7 @@ from diffex.report.grids import reconstruction_grid
 from diffex.report.plots import training_curve
 from diffex.rundir import RunDir
 from diffex.runtime import check_precision, resolve_precision, to_channels_last
-from diffex.train.classifier import augment_batch, gain_batch, load_classifier
+from diffex.train.classifier import augment_batch, check_gain_sd, gain_batch, load_classifier
 from diffex.train.distributed import rank, training_pool
 from diffex.train.loop import EpochSampler, LoopConfig, run_loop
 from diffex.train.resume import stage_resume, weights_digest
@@ -70,8 +70,7 @@ class AutoencoderTrainConfig:
             self.attention = [int(r) for r in self.attention]
             if any(r < 1 for r in self.attention):
                 raise DiffexError(f"attention sizes must be >= 1 px, got {self.attention}")
-        if not 0.0 <= float(self.gain_sd) <= 1.0:
-            raise DiffexError(f"gain_sd must be between 0 and 1, got {self.gain_sd}")
+        check_gain_sd(self.gain_sd)
         if self.t_skew < 0:
             raise DiffexError(f"t_skew must be >= 0, got {self.t_skew}")
         if self.consistency_weight < 0:

@@ -54,8 +54,7 @@ class ClassifierTrainConfig:
                 raise DiffexError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.image_size < 16:
             raise DiffexError(f"image_size must be >= 16, got {self.image_size}")
-        if not 0.0 <= float(self.gain_sd) <= 1.0:
-            raise DiffexError(f"gain_sd must be between 0 and 1, got {self.gain_sd}")
+        check_gain_sd(self.gain_sd)
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator, rotate: bool = True) -> torch.Tensor:
@@ -73,6 +72,12 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, rotate: bool = Tr
         if len(sel):
             out[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
     return out
+
+
+def check_gain_sd(sd: float) -> None:
+    """A gain augmentation's sd must lie in [0, 1] (0: off)."""
+    if not 0.0 <= float(sd) <= 1.0:
+        raise DiffexError(f"gain_sd must be between 0 and 1, got {sd}")
 
 
 def gain_batch(x: torch.Tensor, generator: torch.Generator, sd: float) -> torch.Tensor:

@@ -176,7 +176,8 @@ def edit_features(
     sign = torch.ones(b, device=z.device)
     if both_signs:
         sign = (torch.randint(0, 2, (b,), generator=generator) * 2 - 1).to(z.device, z.dtype)
-    edited = zs[None] + alpha * space.gap * sign[None, :, None] * units  # (K, B, D) standardised
+    step = alpha * space.gap * sign[None, :, None] * units  # (K, B, D) standardised
+    edited = zs[None] + step
     labels = torch.arange(k, device=z.device).repeat_interleave(b)
     row_sign = sign.repeat(k)[:, None]  # rows are (direction, image), image fastest
     if objective == "paper":
@@ -200,8 +201,7 @@ def edit_features(
         return feats, labels, units, None
     penalty = invariance_penalty(x0_edit, x0_base, spread, gain_channel)
     if reverse > 0:
-        opposite = zs[None] - alpha * space.gap * sign[None, :, None] * units
-        z_opp = space.unstandardise(opposite.reshape(k * b, -1))
+        z_opp = space.unstandardise((zs[None] - step).reshape(k * b, -1))
         x0_opp = one_step_x0(ae, x_t_rep, t_rep, z_opp, bf16)
         penalty = penalty + reverse * invariance_penalty(x0_opp, x0_base, spread, gain_channel)
     return feats, labels, units, penalty
