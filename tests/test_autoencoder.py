@@ -236,3 +236,37 @@ def test_encode_decode_shapes_batching_determinism():
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     semantic_only = ae.decode(z, None, steps=4, generator=g1)
     assert torch.equal(semantic_only, ae.decode(z, None, steps=4, generator=g2))
+
+
+def test_bounded_z_gains_hold_the_data_and_stop_extrapolation():
+    """``limit_z_gains`` leaves the output for the latents that set the range unchanged (margin
+    0), holds every block's gain for a latent far outside within the bounds (and so changes the
+    output there), widens the bounds by the margin, and is undone by ``None``."""
+    torch.manual_seed(0)
+    unet = UNet(unet_preset("tiny", dropout=0.0)).eval()
+    with torch.no_grad():
+        for p in unet.parameters():  # wake the zero-initialised layers
+            p.add_(torch.randn_like(p) * 0.05)
+    x, t = torch.randn(3, 3, SIZE, SIZE), torch.tensor([10, 40, 80])
+    data = torch.randn(64, UNET_PRESETS["tiny"].z_dim)
+    far = 6 * data[:3]
+    with torch.no_grad():
+        free = unet(x, t, data[:3]), unet(x, t, far)
+        unet.limit_z_gains(data)
+        bounded = unet(x, t, data[:3]), unet(x, t, far)
+        blocks = unet.z_blocks()
+        assert blocks and all(b.gain_lo is not None for b in blocks)
+        for b in blocks:
+            g = b.z_gain(far)
+            assert bool(((g >= b.gain_lo) & (g <= b.gain_hi)).all())
+            assert bool((b.z_proj(far) > b.gain_hi).any() | (b.z_proj(far) < b.gain_lo).any())
+        width = blocks[0].gain_hi - blocks[0].gain_lo
+        unet.limit_z_gains(data, margin=0.5)
+        assert torch.allclose(blocks[0].gain_hi - blocks[0].gain_lo, 2 * width)
+        unet.limit_z_gains(None)
+        again = unet(x, t, far)
+    assert torch.allclose(free[0], bounded[0], atol=1e-6)
+    assert (free[1] - bounded[1]).abs().max() > 1e-3
+    assert torch.equal(again, free[1]) and blocks[0].gain_lo is None
+    with pytest.raises(DiffexError, match="margin"):
+        unet.limit_z_gains(data, margin=-0.1)

@@ -120,3 +120,31 @@ def test_z_norm_and_attention_reach_the_saved_model(
     assert (
         _attention("none") == [] and _attention(" 16, 8 ") == [16, 8] and _attention(None) is None
     )
+
+
+def test_gain_margin_bounds_the_loaded_decoder(trained_run: tuple[Path, dict]) -> None:
+    """``load_autoencoder(gain_margin=...)`` bounds every z-conditioned block to the range of
+    the run's training latents: a training image decodes as without the bounds, a latent far
+    past the data does not. A negative margin is refused by the stage configs and the CLI."""
+    from diffex.cli import main
+    from diffex.data.loading import load_split
+    from diffex.errors import DiffexError
+    from diffex.explain.explain import ExplainConfig
+    from diffex.explain.rank import RankConfig
+    from diffex.rundir import RunDir
+
+    run, _ = trained_run
+    free, bounded = load_autoencoder(run), load_autoencoder(run, gain_margin=0.0)
+    assert all(b.gain_lo is not None for b in bounded.unet.z_blocks())
+    assert all(b.gain_lo is None for b in free.unet.z_blocks())
+    x = load_split(RunDir(run).load_plan(), "train").x[:2]
+    with torch.no_grad():
+        z = free.semantic(x)
+        x_t, t = torch.randn_like(x), torch.tensor([10, 10])
+        assert torch.allclose(free.unet(x_t, t, z), bounded.unet(x_t, t, z), atol=1e-5)
+        far = 8 * z
+        assert (free.unet(x_t, t, far) - bounded.unet(x_t, t, far)).abs().max() > 1e-4
+    for cfg in (RankConfig, ExplainConfig):
+        with pytest.raises(DiffexError, match="gain_margin"):
+            cfg(gain_margin=-0.5)
+    assert main(["rank", "--run", str(run), "--gain-margin", "-1"]) == 2

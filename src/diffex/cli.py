@@ -323,6 +323,19 @@ def _precision_option(help_text: str) -> Any:
     )
 
 
+GAIN_MARGIN_HELP = (
+    "Bound the UNet's z gains, per channel, to their range over the training images widened "
+    "by this share of it on each side, so that edits far past the data do not extrapolate the "
+    "decoder (BENCHMARKS: 'Gains bounded to the data') [default: unbounded]."
+)
+
+
+def _gain_margin_option() -> Any:
+    return click.option(
+        "--gain-margin", type=click.FloatRange(min=0), default=None, help=GAIN_MARGIN_HELP
+    )
+
+
 def _checkpoint_option(default: int) -> Any:
     return click.option(
         "--checkpoint-every",
@@ -944,6 +957,7 @@ def train_directions_cmd(opts: Options, run: Path, **kw: Any) -> None:
     is_flag=True,
     help="Rank directions the artifact guard flags (noise, background) too.",
 )
+@_gain_margin_option()
 @_precision_option(_DECODE_PRECISION)
 @pass_options
 def rank_cmd(opts: Options, run: Path, **kw: Any) -> None:
@@ -1025,6 +1039,7 @@ def _print_ranking(result: dict[str, Any]) -> None:
     show_default=True,
     help="Morphology readout (needs cell images with nucleus/actin/spots channels).",
 )
+@_gain_margin_option()
 @_precision_option(_DECODE_PRECISION)
 @pass_options
 def explain_cmd(opts: Options, run: Path, **kw: Any) -> None:
@@ -1093,6 +1108,7 @@ def explain_cmd(opts: Options, run: Path, **kw: Any) -> None:
     help="Add another run's evaluation (same data, classifier and autoencoder) to the "
     "side-by-side table, e.g. paper=runs/demo_paper. Repeatable.",
 )
+@_gain_margin_option()
 @_precision_option(_DECODE_PRECISION)
 @pass_options
 def evaluate_cmd(
@@ -1253,6 +1269,12 @@ def report(run: Path, out: Path | None) -> None:
     default=None,
     help=Z_NORM_HELP + "  [default: the preset's choice]",
 )
+@click.option(
+    "--gain-margin",
+    type=click.FloatRange(min=0),
+    default=None,
+    help=GAIN_MARGIN_HELP + " Rank, explain and evaluate.",
+)
 @_external_options
 @pass_options
 def demo(
@@ -1263,6 +1285,7 @@ def demo(
     target: str | None,
     until: str,
     z_norm: bool | None,
+    gain_margin: float | None,
     **kw: Any,
 ) -> None:
     """Run the whole pipeline and print where the results are.
@@ -1288,6 +1311,14 @@ def demo(
         cfg = replace(cfg, data=str(data), external=spec, rank=replace(cfg.rank, target=target))
     if z_norm is not None:
         cfg = replace(cfg, autoencoder=replace(cfg.autoencoder, z_norm=z_norm))
+    if gain_margin is not None:
+        cfg = replace(
+            cfg,
+            **{
+                stage: replace(getattr(cfg, stage), gain_margin=gain_margin)
+                for stage in ("rank", "explain", "evaluate")
+            },
+        )
     cfg = replace(cfg, stages=cfg.stages[: cfg.stages.index(until) + 1])
     device = opts.setup()
     summary = run_demo(out, cfg, device, seed=opts.seed)

@@ -130,12 +130,16 @@ def _stage_marker(out: Path, stage: str) -> Path:
 #: an autoencoder recorded without ``z_norm`` conditioned on raw z_sem, and without
 #: ``attention`` used the preset's; a directions stage recorded without ``restarts`` trained
 #: one set, in fp32, and without ``signs`` or ``reverse`` at +alpha only; rank, explain and
-#: evaluate recorded without ``precision`` decoded in fp32.
+#: evaluate recorded without ``precision`` decoded in fp32 and without ``gain_margin`` left the
+#: UNet's z gains unbounded.
 LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
     "classifier": {"gain_sd": 0.0},
     "autoencoder": {"z_norm": False, "attention": None, "gain_sd": 0.0},
     "directions": {"restarts": 1, "precision": "fp32", "signs": "plus", "reverse": 0.0},
-    **{stage: {"precision": "fp32"} for stage in ("rank", "explain", "evaluate")},
+    **{
+        stage: {"precision": "fp32", "gain_margin": None}
+        for stage in ("rank", "explain", "evaluate")
+    },
 }
 
 

@@ -69,6 +69,12 @@ def native_bf16(device: torch.device | str) -> bool:
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+def check_gain_margin(margin: float | None) -> None:
+    """A z-gain margin (:meth:`diffex.models.unet.UNet.limit_z_gains`) is None or >= 0."""
+    if margin is not None and not margin >= 0:
+        raise DiffexError(f"gain_margin must be >= 0 (or None: gains unbounded), got {margin}")
+
+
 def check_precision(choice: str) -> None:
     """A one-line error for a precision setting other than auto, fp32 or bf16."""
     if choice not in PRECISIONS:

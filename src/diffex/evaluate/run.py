@@ -36,7 +36,7 @@ from diffex.io.atomic import read_json, write_json
 from diffex.log import info, track, warn
 from diffex.models.autoencoder import DiffusionAutoencoder
 from diffex.rundir import RunDir
-from diffex.runtime import check_precision
+from diffex.runtime import check_gain_margin, check_precision
 from diffex.train.autoencoder import load_autoencoder
 from diffex.train.resume import file_digest
 
@@ -48,7 +48,9 @@ class EvaluateConfig:
     """Settings of ``diffex evaluate``.
 
     ``precision``: auto, fp32 or bf16 DDIM decodes (the UNet under bf16 autocast; ``auto``:
-    where the hardware has native bf16); the classifier, measurements and statistics stay fp32."""
+    where the hardware has native bf16); the classifier, measurements and statistics stay fp32.
+    ``gain_margin``: bound the UNet's z gains to their range over the training images, widened
+    by this share of it (None: unbounded; BENCHMARKS: "Gains bounded to the data")."""
 
     n_images: int = 64
     ddim_steps: int = 20
@@ -61,9 +63,11 @@ class EvaluateConfig:
     sensitivity_cells: int = 256
     seed: int = 0
     precision: str = "auto"
+    gain_margin: float | None = None
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        check_gain_margin(self.gain_margin)
         for name in ("n_images", "ddim_steps", "batch_size", "cout_steps", "kid_subsets"):
             if getattr(self, name) < 1:
                 raise DiffexError(f"evaluate: {name} must be >= 1, got {getattr(self, name)}")
@@ -226,7 +230,7 @@ def evaluate_run(
     for other in (compare or {}).values():  # before any work, so a bad --compare loses nothing
         check_comparable(rd.root, Path(other))
     dset = load_direction_set(run, method, device)
-    ae = load_autoencoder(run, device, precision=cfg.precision)
+    ae = load_autoencoder(run, device, precision=cfg.precision, gain_margin=cfg.gain_margin)
     target = dset.target
     space = dset.space
     out_dir = dset.folder / "evaluation"

@@ -36,7 +36,7 @@ from diffex.log import info, track, warn
 from diffex.models.autoencoder import DiffusionAutoencoder
 from diffex.models.directions import LatentSpace
 from diffex.rundir import RunDir
-from diffex.runtime import check_precision
+from diffex.runtime import check_gain_margin, check_precision
 from diffex.train.autoencoder import load_autoencoder
 
 
@@ -45,7 +45,9 @@ class ExplainConfig:
     """Settings of the explanation stage.
 
     ``precision``: auto, fp32 or bf16 DDIM decodes (the UNet under bf16 autocast; ``auto``:
-    where the hardware has native bf16); the classifier, measurements and statistics stay fp32."""
+    where the hardware has native bf16); the classifier, measurements and statistics stay fp32.
+    ``gain_margin``: bound the UNet's z gains to their range over the training images, widened
+    by this share of it (None: unbounded; BENCHMARKS: "Gains bounded to the data")."""
 
     n_cells: int = 24
     n_strip: int = 6
@@ -56,9 +58,11 @@ class ExplainConfig:
     measure: bool = True
     seed: int = 0
     precision: str = "auto"
+    gain_margin: float | None = None
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        check_gain_margin(self.gain_margin)
         if self.n_alphas < 3 or self.n_alphas % 2 == 0:
             raise DiffexError(f"n_alphas must be odd and >= 3 (it includes 0), got {self.n_alphas}")
         if self.n_cells < 2:
@@ -131,7 +135,7 @@ def explain_run(
     rd = RunDir(run)
     plan = rd.load_plan()
     dset = load_direction_set(run, method, device, reference=cfg.reference)
-    ae = load_autoencoder(run, device, precision=cfg.precision)
+    ae = load_autoencoder(run, device, precision=cfg.precision, gain_margin=cfg.gain_margin)
     target = dset.target
     target_name = dset.ranking["target_class"]
     held = load_split(plan, heldout_split(plan))  # read once: source cells and guard cells

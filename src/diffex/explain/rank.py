@@ -28,7 +28,7 @@ from diffex.log import info, warn
 from diffex.models.autoencoder import DiffusionAutoencoder
 from diffex.models.directions import LatentEditor
 from diffex.rundir import RunDir
-from diffex.runtime import check_precision
+from diffex.runtime import check_gain_margin, check_precision
 from diffex.train.autoencoder import load_autoencoder
 from diffex.train.directions import direction_sets, load_editor
 
@@ -38,7 +38,9 @@ class RankConfig:
     """Settings of the ranking stage.
 
     ``precision``: auto, fp32 or bf16 DDIM decodes (the UNet under bf16 autocast; ``auto``:
-    where the hardware has native bf16); the classifier, measurements and statistics stay fp32."""
+    where the hardware has native bf16); the classifier, measurements and statistics stay fp32.
+    ``gain_margin``: bound the UNet's z gains to their range over the training images, widened
+    by this share of it (None: unbounded; BENCHMARKS: "Gains bounded to the data")."""
 
     target: str | None = None
     alpha: float | None = None
@@ -57,9 +59,11 @@ class RankConfig:
     calibration_ddim_steps: int = 10
     seed: int = 0
     precision: str = "auto"
+    gain_margin: float | None = None
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        check_gain_margin(self.gain_margin)
         if self.flip_target is not None and not 0 < self.flip_target <= 1:
             raise DiffexError(f"flip_target must be in (0, 1], got {self.flip_target}")
         if min(self.calibration_images, self.calibration_steps, self.calibration_ddim_steps) < 1:
@@ -158,7 +162,7 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
     rd = RunDir(run)
     plan = rd.load_plan()
     target = resolve_target(plan, cfg.target)
-    ae = load_autoencoder(run, device, precision=cfg.precision)
+    ae = load_autoencoder(run, device, precision=cfg.precision, gain_margin=cfg.gain_margin)
     editor = load_editor(run, device)
     dcfg = read_json(rd.stage("directions") / "config.json")
     alpha = float(cfg.alpha if cfg.alpha is not None else dcfg["train"]["alpha"])

@@ -193,6 +193,16 @@ class ResBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        # Per-channel bounds of the z gain (UNet.limit_z_gains); not saved with the weights.
+        self.register_buffer("gain_lo", None, persistent=False)
+        self.register_buffer("gain_hi", None, persistent=False)
+
+    def z_gain(self, z: Tensor) -> Tensor:
+        """(N, out_ch) gain offset of z_sem, within its bounds when they are set."""
+        g = self.z_proj(z)
+        if self.gain_lo is not None:
+            g = torch.clamp(g, self.gain_lo.to(g.dtype), self.gain_hi.to(g.dtype))
+        return g
 
     def forward(self, x: Tensor, emb: Tensor | None = None, z: Tensor | None = None) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -201,7 +211,7 @@ class ResBlock(nn.Module):
             t_scale, t_shift = self.t_proj(emb)[:, :, None, None].chunk(2, dim=1)
             h = h * (1 + t_scale) + t_shift
         if self.z_proj is not None:
-            h = h * (1 + self.z_proj(z)[:, :, None, None])
+            h = h * (1 + self.z_gain(z)[:, :, None, None])
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
@@ -327,13 +337,36 @@ class UNet(nn.Module):
         self.norm_out = group_norm(ch, cfg.groups)
         self.conv_out = zero_module(nn.Conv2d(ch, cfg.in_channels, 3, padding=1))
 
+    def z_blocks(self) -> list[ResBlock]:
+        """The residual blocks that z_sem conditions, in order."""
+        return [m for m in self.modules() if isinstance(m, ResBlock) and m.z_proj is not None]
+
+    def _z_in(self, z: Tensor) -> Tensor:
+        return F.layer_norm(z, z.shape[-1:]) if self.config.z_norm else z
+
+    @torch.no_grad()
+    def limit_z_gains(self, z: Tensor | None, margin: float = 0.0) -> None:
+        """Bound every block's z gain, per channel, to the range it takes over latents ``z``
+        (N, z_dim; the training images'), widened by ``margin`` times that range on each side;
+        ``z`` None removes the bounds. An edited latent far outside the data then conditions
+        the blocks as the data's most extreme latents do, instead of extrapolating the gains
+        (BENCHMARKS: "Gains bounded to the data")."""
+        if margin < 0:
+            raise DiffexError(f"gain margin must be >= 0, got {margin}")
+        for block in self.z_blocks():
+            if z is None:
+                block.gain_lo = block.gain_hi = None
+                continue
+            g = block.z_proj(self._z_in(z.to(block.z_proj[1].weight))).float()
+            lo, hi = g.amin(dim=0), g.amax(dim=0)
+            block.gain_lo, block.gain_hi = lo - margin * (hi - lo), hi + margin * (hi - lo)
+
     def forward(self, x_t: Tensor, t: Tensor, z: Tensor) -> Tensor:
         """Predicted noise, shape of ``x_t``; ``t``: (N,) steps or a scalar; ``z``: (N, z_dim)."""
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         emb = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(x_t.dtype))
-        if self.config.z_norm:
-            z = F.layer_norm(z, z.shape[-1:])
+        z = self._z_in(z)
         h = self.conv_in(x_t)
         hs = [h]
         for layer in self.down:

@@ -287,12 +287,15 @@ def load_autoencoder(
     device: torch.device | str = "cpu",
     classifier: Classifier | None = None,
     precision: str = "fp32",
+    gain_margin: float | None = None,
 ) -> DiffusionAutoencoder:
     """Load a run's trained autoencoder (EMA weights) with its classifier, in eval mode.
 
     ``precision`` (auto, fp32 or bf16) of its DDIM inversion and decoding: bf16 runs the UNet
     under autocast (``auto``: where the hardware has native bf16); the DDIM state, the encoder
-    and the classifier stay fp32."""
+    and the classifier stay fp32. ``gain_margin``: bound the UNet's z gains to their range over
+    the run's training images (:meth:`diffex.models.unet.UNet.limit_z_gains`); None leaves them
+    free."""
     rd = RunDir(run)
     folder = rd.require("autoencoder")
     cfg = load_config(folder)
@@ -306,4 +309,21 @@ def load_autoencoder(
     model.decode_bf16 = resolve_precision(precision, device) == "bf16"
     to_channels_last(model.encoder, device)
     to_channels_last(model.unet, device)
+    if gain_margin is not None:
+        bound_gains(model, rd, gain_margin)
     return model
+
+
+def bound_gains(model: DiffusionAutoencoder, rd: RunDir, margin: float, batch: int = 256) -> None:
+    """Bound ``model``'s z gains to their range over the semantic latents of the run's
+    training images, widened by ``margin`` of it on each side."""
+    x = load_split(rd.load_plan(), "train").x
+    with torch.no_grad():
+        chunks = [
+            model.semantic(x[i : i + batch].to(model.device)) for i in range(0, len(x), batch)
+        ]
+    model.unet.limit_z_gains(torch.cat(chunks), margin)
+    info(
+        f"autoencoder: z gains bounded to their range over {len(x)} training images "
+        f"(margin {margin:g})"
+    )
