@@ -160,7 +160,8 @@ def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
             "signs": "plus",
             "reverse": 0.0,
         },
-        "rank": {"m": 3, "precision": "fp32"},  # rank's own legacy setting (fp32 decodes)
+        # rank's own legacy settings: fp32 decodes, unbounded gains
+        "rank": {"m": 3, "precision": "fp32", "gain_margin": None},
     }
     assert _done(tmp_path, "rank", now)
     assert not _done(tmp_path, "rank", {**now, "directions": {**now["directions"], "restarts": 2}})
@@ -169,7 +170,7 @@ def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
         assert not _done(tmp_path, "rank", {**now, "directions": moved})
     for later in ({"signs": "both"}, {"reverse": 1.0}):  # settings added after restarts
         assert not _done(tmp_path, "rank", {**now, "directions": {**now["directions"], **later}})
-    assert not _done(tmp_path, "rank", {**now, "rank": {"m": 4, "precision": "fp32"}})
+    assert not _done(tmp_path, "rank", {**now, "rank": {**now["rank"], "m": 4}})
     assert not _done(tmp_path, "explain", now)  # no marker
 
 
@@ -196,8 +197,9 @@ def test_marker_from_before_z_norm_means_raw_z(tmp_path: Path) -> None:
 
 
 def test_marker_from_before_decode_precision_means_fp32(tmp_path: Path) -> None:
-    """Rank, explain and evaluate markers written before their ``precision`` existed decoded in
-    fp32: done for fp32, stale for bf16 or auto."""
+    """Rank, explain and evaluate markers written before their ``precision`` and ``gain_margin``
+    existed decoded in fp32 with unbounded gains: done for that, stale for bf16, auto or a
+    margin."""
     from diffex.io.atomic import write_json
     from diffex.pipeline import _done
 
@@ -206,12 +208,15 @@ def test_marker_from_before_decode_precision_means_fp32(tmp_path: Path) -> None:
     for stage in ("rank", "explain", "evaluate"):
         now = {
             **old,
-            **{s: {**old[s], "precision": "fp32"} for s in ("rank", "explain", "evaluate")},
+            **{
+                s: {**old[s], "precision": "fp32", "gain_margin": None}
+                for s in ("rank", "explain", "evaluate")
+            },
         }
         assert _done(tmp_path, "evaluate", now)
-        for precision in ("bf16", "auto"):
-            moved = {**now, stage: {**now[stage], "precision": precision}}
-            assert not _done(tmp_path, "evaluate", moved), (stage, precision)
+        for setting in ({"precision": "bf16"}, {"precision": "auto"}, {"gain_margin": 0.1}):
+            moved = {**now, stage: {**now[stage], **setting}}
+            assert not _done(tmp_path, "evaluate", moved), (stage, setting)
 
 
 def test_decode_precision_is_recorded_and_validated(demo_run: Path) -> None:
