@@ -109,6 +109,9 @@ def test_quick_demo_writes_every_stage(demo_run: Path) -> None:
         zero = checks[len(checks) // 2]
         assert zero["alpha"] == 0 and zero["flags"] == []
         assert {"background", "noise", "high_frequency", "stain_gain"} <= set(zero["artifacts_sd"])
+        assert item["past_data"] == [c["past_data"] for c in checks]
+        assert all(0.0 <= share <= 1.0 for share in item["past_data"])
+        assert zero["past_data"] < 0.5  # the unedited held-out cells lie within the data
         assert evaluation["frame_flags"][item["name"]] == flagged_frames(checks)
 
 
@@ -258,21 +261,30 @@ def test_explanations_record_their_imaging_drift(demo_run: Path) -> None:
     assert {i["name"]: i["imaging_drift"] for i in shown} == {
         i["name"]: i["imaging_drift"] for i in items
     }
+    from diffex.explain.support import past_frames
+
+    assert {i["name"]: i["past_data"] for i in shown} == {
+        i["name"]: past_frames(i["frame_checks"]) for i in items
+    }
 
 
 def test_demo_summary_prints_imaging_drift_only_where_there_is_one(capsys) -> None:
-    """The closing summary names the imaging measurements that follow alpha under the
-    direction they belong to, and prints nothing for a direction without any."""
+    """The closing summary names the imaging measurements that follow alpha, and the frames
+    past the training data, under the direction they belong to, and prints nothing for a
+    direction without any."""
     from diffex.cli import _print_demo
 
     change = {"feature": "nucleus_area", "pct_change": 27.0, "fraction_of_gap": 0.9}
     drift = ["brightness rho +0.36 (towards the target -0.11)"]
+    past = ["alpha -2.5 (92 % of cells)"]
     items = [
-        {"name": "rank1_dir0+", "top_changes": [change], "imaging_drift": drift},
+        {"name": "rank1_dir0+", "top_changes": [change], "imaging_drift": drift, "past_data": past},
         {"name": "rank2_dir3+", "top_changes": [change], "imaging_drift": []},
     ]
     _print_demo({"out": "runs/demo", "explain": {"items": items}})
     out = capsys.readouterr().out.splitlines()
     at = out.index("  rank1_dir0+: nucleus_area +27 % (0.9 of gap)")
     assert out[at + 1] == f"    imaging follows alpha: {drift[0]}"
+    assert out[at + 2] == f"    past the training data: {past[0]}"
     assert sum("imaging follows alpha" in line for line in out) == 1
+    assert sum("past the training data" in line for line in out) == 1

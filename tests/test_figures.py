@@ -92,6 +92,23 @@ def test_flagged_columns_are_marked(tmp_path, sweep):
     assert Image.open(gif).n_frames == 2 * n - 2
 
 
+def test_columns_past_the_data_are_marked(tmp_path, sweep):
+    """A column past the training data gets its "~" mark and a line under the title (the strip
+    differs from the unmarked one), the GIF still renders, and a wrong count of marks is an
+    error."""
+    frames, alphas, probs = sweep
+    n = len(alphas)
+    past = [True] + [False] * (n - 1)
+    plain = alpha_strip(frames, alphas, probs, make_plan(), tmp_path / "a.png")
+    marked = alpha_strip(frames, alphas, probs, make_plan(), tmp_path / "b.png", past=past)
+    a, b = (np.asarray(_png(x).convert("L"), dtype=int) for x in (plain, marked))
+    assert a.shape != b.shape or (a != b).any()
+    with pytest.raises(DiffexError, match="past-the-data marks"):
+        alpha_strip(frames, alphas, probs, make_plan(), tmp_path / "c.png", past=past[:1])
+    gif = sweep_gif(frames, alphas, probs, make_plan(), tmp_path / "s.gif", past=past)
+    assert Image.open(gif).n_frames == 2 * n - 2
+
+
 def test_sweep_gif_has_ping_pong_frames(tmp_path, sweep):
     frames, alphas, probs = sweep
     out = sweep_gif(frames, alphas, probs, make_plan(), tmp_path / "s.gif", fps=5)

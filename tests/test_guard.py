@@ -172,3 +172,35 @@ def test_imaging_drift_names_imaging_measurements_that_follow_alpha() -> None:
     ]
     assert imaging_drift(rows, threshold=0.4) == []
     assert imaging_drift([]) == []
+
+
+def test_past_the_data_along_the_class_axis() -> None:
+    """The training latents' own class-axis range holds (almost) all of them; an edit that
+    carries the control cells three class gaps away from the target leaves it, one as long
+    across the axis does not; ``past_frames`` names the frames where at least half the cells
+    are past it."""
+    from diffex.explain.support import PAST_SHARE, axis_range, past_data_share, past_frames
+    from diffex.models.directions import LatentSpace
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(400) % 2
+    z = torch.randn(400, 8, generator=g) * 2 + 1
+    z[:, 0] += 3 * y  # the classes differ along dimension 0
+    space = LatentSpace(8, 2).fit(z, y)
+    bounds = axis_range(space, z, target=1)
+    assert past_data_share(space, z, 1, bounds) <= 0.02
+    control = z[y == 0]
+    axis = space.towards(1)
+    far = space.shift(control, axis, -3.0)
+    assert past_data_share(space, far, 1, bounds) > 0.9
+    across = torch.zeros(8)
+    across[1] = 1.0
+    across -= (across @ axis) * axis
+    sideways = space.shift(control, across / across.norm(), 3.0)
+    assert past_data_share(space, sideways, 1, bounds) <= 0.02
+    checks = [{"alpha": -2.0, "past_data": 0.92}, {"alpha": 0.0, "past_data": 0.0}]
+    checks.append({"alpha": 2.0, "past_data": PAST_SHARE - 0.01})
+    assert past_frames(checks) == ["alpha -2 (92 % of cells)"]
+    assert past_frames([{"alpha": 1.0, "flags": []}]) == []  # written before the check
+    with pytest.raises(DiffexError, match="two training latents"):
+        axis_range(space, z[:1], target=1)

@@ -183,6 +183,7 @@ def test_runs_evaluated_before_schema_2_still_report_and_compare(
         "frame_checks",  # schema 3
         "frame_flags",
         "imaging_drift",  # schema 4
+        "past_data",
     }
     for path in [run / "evaluation.json", *run.glob("explanations/**/summary.json")]:
         doc = _drop(json.loads(path.read_text(encoding="utf-8")), new_keys)
@@ -221,6 +222,25 @@ def test_flagged_frames_are_named_under_their_sweep(demo_run: Path, tmp_path: Pa
     line = f"alpha {checks[0]['alpha']:+.3g}: stain gain -8.6 sd"
     assert html.count("The artifact guard flags frames of this sweep") == 1
     assert f"The artifact guard flags frames of this sweep: {line}." in html
+
+
+def test_frames_past_the_data_are_named_under_their_sweep(demo_run: Path, tmp_path: Path) -> None:
+    """Frames where most edited cells are past the training data are named in the report under
+    that direction, with their share of cells; sweeps without such frames carry no line."""
+    run = tmp_path / "past"
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("*.safetensors", "cache"))
+    path = run / "explanations" / "summary.json"
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    for i, item in enumerate(summary["items"]):
+        for j, c in enumerate(item["frame_checks"]):
+            c["past_data"] = 0.9 if (i, j) == (0, 0) else 0.1
+    path.write_text(json.dumps(summary), encoding="utf-8")
+    (run / "report.html").unlink()
+    build_report(run)
+    html = (run / "report.html").read_text(encoding="utf-8")
+    alpha = summary["items"][0]["frame_checks"][0]["alpha"]
+    assert html.count("Frames past the training data") == 1
+    assert f"Frames past the training data: alpha {alpha:+.3g} (90 % of cells)." in html
 
 
 def test_imaging_drift_is_named_under_its_sweep(demo_run: Path, tmp_path: Path) -> None:

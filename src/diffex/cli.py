@@ -1350,6 +1350,8 @@ def _print_demo(summary: dict[str, Any]) -> None:
         click.echo(f"  {item['name']}: {changes or 'no measured change'}")
         if item.get("imaging_drift"):
             click.echo(f"    imaging follows alpha: {'; '.join(item['imaging_drift'])}")
+        if item.get("past_data"):
+            click.echo(f"    past the training data: {'; '.join(item['past_data'])}")
     ev = summary.get("evaluate") or {}
     if ev:
         parts = [

@@ -17,6 +17,7 @@ from diffex.errors import DiffexError
 from diffex.evaluate.run import EvaluateConfig, evaluate_run
 from diffex.explain.explain import ExplainConfig, explain_run
 from diffex.explain.rank import RankConfig, rank_directions
+from diffex.explain.support import past_frames
 from diffex.io.atomic import read_json, write_json
 from diffex.log import info, warn
 from diffex.models.external import ExternalSpec
@@ -300,6 +301,7 @@ def _brief(stage: str, result: dict[str, Any]) -> dict[str, Any]:
                         for r in rows[:3]
                     ],
                     "imaging_drift": item.get("imaging_drift", []),
+                    "past_data": past_frames(item.get("frame_checks")),
                 }
             )
         return {"items": items}

@@ -31,13 +31,14 @@ from diffex.explain.guard import flagged_frames, imaging_drift, reference_spread
 from diffex.explain.latents import encode_cached
 from diffex.explain.methods import load_direction_set
 from diffex.explain.rank import heldout_split, prober, source_images
+from diffex.explain.support import PAST_SHARE, axis_range, past_data_share, past_frames
 from diffex.io.atomic import write_json
 from diffex.log import info, track, warn
 from diffex.models.autoencoder import DiffusionAutoencoder
 from diffex.models.directions import LatentSpace
 from diffex.rundir import RunDir
 from diffex.runtime import check_gain_margin, check_precision
-from diffex.train.autoencoder import load_autoencoder
+from diffex.train.autoencoder import load_autoencoder, training_latents
 
 
 @dataclass
@@ -84,14 +85,20 @@ def sweep(
     Returns frames (A, N, C, H, W) in [-1, 1], on ``z``'s device; all alphas of all cells in
     batched calls. The edits are computed on the space's device (the GPU, when there is one).
     """
-    with torch.no_grad():
-        reps = len(alphas)
-        units = unit_fn(space.standardise(z)).repeat(reps, 1)
-        per_latent = torch.as_tensor(np.repeat(np.asarray(alphas, dtype=np.float32), len(z)))
-        moved = space.shift(z.repeat(reps, 1), units, per_latent)
-        x_rep = x_T.repeat(reps, 1, 1, 1)
+    moved = edited_latents(space, z, unit_fn, alphas)
+    x_rep = x_T.repeat(len(alphas), 1, 1, 1)
     frames = ae.decode(moved, x_rep, steps=steps, batch_size=batch_size)
     return frames.reshape(len(alphas), len(z), *frames.shape[1:])
+
+
+def edited_latents(
+    space: LatentSpace, z: torch.Tensor, unit_fn: Any, alphas: np.ndarray
+) -> torch.Tensor:
+    """Raw z_sem of every cell at every alpha along ``unit_fn(zs)``: (A * N, D), alpha-major."""
+    with torch.no_grad():
+        units = unit_fn(space.standardise(z)).repeat(len(alphas), 1)
+        per_latent = torch.as_tensor(np.repeat(np.asarray(alphas, dtype=np.float32), len(z)))
+        return space.shift(z.repeat(len(alphas), 1), units, per_latent)
 
 
 def factor_trends(
@@ -147,6 +154,7 @@ def explain_run(
     class_stats, spot_floor = _class_stats(plan) if cfg.measure else (None, None)
     gain_channel = plan.measure_channels.get("nucleus")
     spread = _guard_spread(plan, held, gain_channel, cfg.seed)
+    bounds = axis_range(dset.space, training_latents(ae, plan), target)
     source_name = _source_name(plan, target)
     items = dset.all_items()
     summary: dict[str, Any] = {
@@ -162,12 +170,17 @@ def explain_run(
         name, label = item.name, item.label
         alphas = np.linspace(-item.alpha, item.alpha, cfg.n_alphas)
         frames = sweep(ae, dset.space, z, x_T, item.units, alphas, cfg.ddim_steps, cfg.batch_size)
+        moved = edited_latents(dset.space, z, item.units, alphas).reshape(len(alphas), len(z), -1)
+        past = [past_data_share(dset.space, m, target, bounds) for m in moved]
+        beyond = [share >= PAST_SHARE for share in past]
         p = probs(frames.reshape(-1, *frames.shape[2:]))[:, target].reshape(len(alphas), -1)
         p_np = p.numpy()
         folder = out / name
         title = f"{label}: towards {target_name}"
         unit = plan.normalization.to_unit(frames)
         checks = sweep_checks(unit, alphas, spread, gain_channel)
+        for check, share in zip(checks, past, strict=True):
+            check["past_data"] = share
         flags = [c["flags"] for c in checks]
         strip = frames[:, : cfg.n_strip]
         alpha_strip(
@@ -179,6 +192,7 @@ def explain_run(
             title,
             target_name=target_name,
             flags=flags,
+            past=beyond,
         )
         sweep_gif(
             strip,
@@ -188,6 +202,7 @@ def explain_run(
             folder / "sweep.gif",
             target_name=target_name,
             flags=flags,
+            past=beyond,
         )
         frame_info = sweep_frames(strip, alphas, p_np[:, : cfg.n_strip], plan, folder / "frames")
         probability_curve(alphas, p_np, folder / "probability.png", target_name, title=title)
@@ -201,6 +216,7 @@ def explain_run(
             "mean_p_target": p_np.mean(axis=1).tolist(),
             "frames": {**frame_info, "folder": "frames"},
             "frame_checks": checks,
+            "past_data": past,
         }
         if any(flags):
             named = "; ".join(flagged_frames(checks))
@@ -227,7 +243,9 @@ def explain_run(
             entry["imaging_drift"] = imaging_drift(rows)
             if entry["imaging_drift"]:
                 drifts = "; ".join(entry["imaging_drift"])
-                warn(f"explain: {name}: imaging measurements follow alpha ({drifts})")
+                past_named = "; ".join(past_frames(checks))
+                where = f"; frames past the training data: {past_named}" if past_named else ""
+                warn(f"explain: {name}: imaging measurements follow alpha ({drifts}){where}")
         summary["items"].append(entry)
         write_json(folder / "summary.json", entry)
     write_json(out / "summary.json", summary)

@@ -111,16 +111,19 @@ def alpha_strip(
     target_name: str = "target",
     stretch: bool = False,
     flags: Sequence[Sequence[str]] | None = None,
+    past: Sequence[bool] | None = None,
 ) -> Path:
     """N rows (cells) x A columns (alphas): false-colour frames with p(target) under each.
 
     Columns keep the order of ``alphas``; the alpha = 0 column (the unedited reconstruction, or
     the alpha closest to 0) is outlined. ``flags``: the artifact guard's flags per column
     (:func:`diffex.explain.guard.sweep_checks`); flagged columns are outlined in red, marked
-    "!" and their flags named under the title.
+    "!" and their flags named under the title. ``past``: per column, whether the edit has left
+    the training data (:mod:`diffex.explain.support`); such columns are marked "~" and named.
     """
     f, a, p = _check_sweep(frames, alphas, probs)
     flags = _column_flags(flags, len(a))
+    past = _column_past(past, len(a))
     n_a, n = f.shape[:2]
     unit = display_unit(f, plan, stretch)
     colors = _colors(plan, f.shape[2])
@@ -136,7 +139,9 @@ def alpha_strip(
             if i == 0:
                 mark = " !" if flags[j] else ""
                 ax.set_title(
-                    _alpha_label(a[j]) + mark, fontsize=8, color=FLAG_COLOR if mark else "k"
+                    _alpha_label(a[j]) + mark + (" ~" if past[j] else ""),
+                    fontsize=8,
+                    color=FLAG_COLOR if mark else "k",
                 )
             if j == 0:
                 ax.set_ylabel(f"cell {i}", fontsize=8)
@@ -154,6 +159,9 @@ def alpha_strip(
     flagged = [f"{_alpha_label(a[j])}: {', '.join(flags[j])}" for j in range(len(a)) if flags[j]]
     if flagged:
         lines += "\n! artifact guard, imaging changed: " + "; ".join(flagged)
+    if any(past):
+        beyond = ", ".join(_alpha_label(a[j]) for j in range(len(a)) if past[j])
+        lines += f"\n~ past the training data (extrapolated, read with care): {beyond}"
     fig.suptitle(lines, fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
@@ -161,6 +169,15 @@ def alpha_strip(
 
 #: Colour of the frames the artifact guard flags.
 FLAG_COLOR = "#d62728"
+
+
+def _column_past(past: Sequence[bool] | None, n: int) -> list[bool]:
+    """One past-the-data mark per alpha (all False when ``past`` is None)."""
+    if past is None:
+        return [False] * n
+    if len(past) != n:
+        raise DiffexError(f"{len(past)} past-the-data marks for {n} alphas")
+    return [bool(x) for x in past]
 
 
 def _column_flags(flags: Sequence[Sequence[str]] | None, n: int) -> list[list[str]]:
@@ -225,15 +242,18 @@ def sweep_gif(
     target_name: str = "target",
     stretch: bool = False,
     flags: Sequence[Sequence[str]] | None = None,
+    past: Sequence[bool] | None = None,
 ) -> Path:
     """Animated GIF of the sweep: up to ``max_cells`` cells side by side, one frame per alpha.
 
-    Each frame shows alpha and the mean p(target) over the shown cells, and "artifact" on the
-    frames ``flags`` (as for :func:`alpha_strip`) flags; the animation runs from the first alpha
-    to the last and back (ping-pong) and loops forever.
+    Each frame shows alpha and the mean p(target) over the shown cells, "artifact" on the
+    frames ``flags`` (as for :func:`alpha_strip`) flags and "past the data" where ``past`` says
+    so; the animation runs from the first alpha to the last and back (ping-pong) and loops
+    forever.
     """
     f, a, p = _check_sweep(frames, alphas, probs)
     flags = _column_flags(flags, len(a))
+    past = _column_past(past, len(a))
     if not fps > 0:
         raise DiffexError(f"GIF frame rate must be positive, got {fps!r}")
     n = min(f.shape[1], max(1, int(max_cells)))
@@ -252,6 +272,8 @@ def sweep_gif(
         text = f"{label}   mean p({target_name}) = {p[j, :n].mean():.2f}"
         if flags[j]:
             text += "   artifact: " + ", ".join(flags[j])
+        if past[j]:
+            text += "   past the data"
         color = (255, 110, 110) if flags[j] else (240, 240, 240)
         draw.text((gap + 2, 5), text, fill=color, font=font)
         images.append(canvas)

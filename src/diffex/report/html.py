@@ -20,6 +20,7 @@ import jinja2
 from diffex import __version__
 from diffex.errors import DiffexError
 from diffex.explain.guard import DRIFT_RHO, flagged_frames, imaging_drift
+from diffex.explain.support import past_frames
 from diffex.io.atomic import read_json, write_atomic
 
 TEMPLATE = "report.html.j2"
@@ -216,6 +217,7 @@ def _directions_section(root: Path) -> dict[str, Any] | None:
                 "strip": data_uri(folder / "strip.png"),
                 "morphology": _morphology_rows(entry),
                 "frame_flags": flagged_frames(entry.get("frame_checks")),
+                "past_data": past_frames(entry.get("frame_checks")),
                 "imaging_drift": imaging_drift(entry.get("morphology", [])),
             }
         )

@@ -314,16 +314,21 @@ def load_autoencoder(
     return model
 
 
-def bound_gains(model: DiffusionAutoencoder, rd: RunDir, margin: float, batch: int = 256) -> None:
+def training_latents(model: DiffusionAutoencoder, plan: DataPlan, batch: int = 256) -> torch.Tensor:
+    """z_sem (N, D) of the plan's training images, on the model's device (encoder only)."""
+    x = load_split(plan, "train").x
+    with torch.no_grad():
+        return torch.cat(
+            [model.semantic(x[i : i + batch].to(model.device)) for i in range(0, len(x), batch)]
+        )
+
+
+def bound_gains(model: DiffusionAutoencoder, rd: RunDir, margin: float) -> None:
     """Bound ``model``'s z gains to their range over the semantic latents of the run's
     training images, widened by ``margin`` of it on each side."""
-    x = load_split(rd.load_plan(), "train").x
-    with torch.no_grad():
-        chunks = [
-            model.semantic(x[i : i + batch].to(model.device)) for i in range(0, len(x), batch)
-        ]
-    model.unet.limit_z_gains(torch.cat(chunks), margin)
+    z = training_latents(model, rd.load_plan())
+    model.unet.limit_z_gains(z, margin)
     info(
-        f"autoencoder: z gains bounded to their range over {len(x)} training images "
+        f"autoencoder: z gains bounded to their range over {len(z)} training images "
         f"(margin {margin:g})"
     )
