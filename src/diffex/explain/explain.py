@@ -38,7 +38,7 @@ from diffex.models.autoencoder import DiffusionAutoencoder
 from diffex.models.directions import LatentSpace
 from diffex.rundir import RunDir
 from diffex.runtime import check_gain_margin, check_precision
-from diffex.train.autoencoder import load_autoencoder, training_latents
+from diffex.train.autoencoder import bound_gains, load_autoencoder, semantic_latents
 
 
 @dataclass
@@ -86,9 +86,21 @@ def sweep(
     batched calls. The edits are computed on the space's device (the GPU, when there is one).
     """
     moved = edited_latents(space, z, unit_fn, alphas)
-    x_rep = x_T.repeat(len(alphas), 1, 1, 1)
-    frames = ae.decode(moved, x_rep, steps=steps, batch_size=batch_size)
-    return frames.reshape(len(alphas), len(z), *frames.shape[1:])
+    return decode_sweep(ae, moved, x_T, len(alphas), steps, batch_size)
+
+
+def decode_sweep(
+    ae: DiffusionAutoencoder,
+    moved: torch.Tensor,
+    x_T: torch.Tensor,
+    n_alphas: int,
+    steps: int,
+    batch_size: int,
+) -> torch.Tensor:
+    """Frames (A, N, C, H, W) of edited latents ``moved`` (A * N, D; :func:`edited_latents`),
+    each decoded from its cell's ``x_T`` (N, C, H, W)."""
+    frames = ae.decode(moved, x_T.repeat(n_alphas, 1, 1, 1), steps=steps, batch_size=batch_size)
+    return frames.reshape(n_alphas, len(x_T), *frames.shape[1:])
 
 
 def edited_latents(
@@ -142,7 +154,12 @@ def explain_run(
     rd = RunDir(run)
     plan = rd.load_plan()
     dset = load_direction_set(run, method, device, reference=cfg.reference)
-    ae = load_autoencoder(run, device, precision=cfg.precision, gain_margin=cfg.gain_margin)
+    ae = load_autoencoder(run, device, precision=cfg.precision)
+    # The training latents bound the data for the past-the-data marks and, with a margin, the
+    # z gains: encoded once for both.
+    z_train = semantic_latents(ae, load_split(plan, "train").x)
+    if cfg.gain_margin is not None:
+        bound_gains(ae, z_train, cfg.gain_margin)
     target = dset.target
     target_name = dset.ranking["target_class"]
     held = load_split(plan, heldout_split(plan))  # read once: source cells and guard cells
@@ -154,7 +171,7 @@ def explain_run(
     class_stats, spot_floor = _class_stats(plan) if cfg.measure else (None, None)
     gain_channel = plan.measure_channels.get("nucleus")
     spread = _guard_spread(plan, held, gain_channel, cfg.seed)
-    bounds = axis_range(dset.space, training_latents(ae, plan), target)
+    bounds = axis_range(dset.space, z_train, target)
     source_name = _source_name(plan, target)
     items = dset.all_items()
     summary: dict[str, Any] = {
@@ -169,9 +186,10 @@ def explain_run(
     for item in track(items, "explain", total=len(items)):
         name, label = item.name, item.label
         alphas = np.linspace(-item.alpha, item.alpha, cfg.n_alphas)
-        frames = sweep(ae, dset.space, z, x_T, item.units, alphas, cfg.ddim_steps, cfg.batch_size)
-        moved = edited_latents(dset.space, z, item.units, alphas).reshape(len(alphas), len(z), -1)
-        past = [past_data_share(dset.space, m, target, bounds) for m in moved]
+        moved = edited_latents(dset.space, z, item.units, alphas)
+        frames = decode_sweep(ae, moved, x_T, len(alphas), cfg.ddim_steps, cfg.batch_size)
+        per_alpha = moved.reshape(len(alphas), len(z), -1)
+        past = [past_data_share(dset.space, m, target, bounds) for m in per_alpha]
         beyond = [share >= PAST_SHARE for share in past]
         p = probs(frames.reshape(-1, *frames.shape[2:]))[:, target].reshape(len(alphas), -1)
         p_np = p.numpy()

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from diffex.config import build, check_positive
 from diffex.errors import DiffexError
+from diffex.runtime import check_gain_margin
 
 
 # --------------------------------------------------------------------------- config
@@ -351,8 +352,7 @@ class UNet(nn.Module):
         ``z`` None removes the bounds. An edited latent far outside the data then conditions
         the blocks as the data's most extreme latents do, instead of extrapolating the gains
         (BENCHMARKS: "Gains bounded to the data")."""
-        if margin < 0:
-            raise DiffexError(f"gain margin must be >= 0, got {margin}")
+        check_gain_margin(margin)
         for block in self.z_blocks():
             if z is None:
                 block.gain_lo = block.gain_hi = None

@@ -310,25 +310,28 @@ def load_autoencoder(
     to_channels_last(model.encoder, device)
     to_channels_last(model.unet, device)
     if gain_margin is not None:
-        bound_gains(model, rd, gain_margin)
+        bound_gains(
+            model, semantic_latents(model, load_split(rd.load_plan(), "train").x), gain_margin
+        )
     return model
 
 
-def training_latents(model: DiffusionAutoencoder, plan: DataPlan, batch: int = 256) -> torch.Tensor:
-    """z_sem (N, D) of the plan's training images, on the model's device (encoder only)."""
-    x = load_split(plan, "train").x
+def semantic_latents(
+    ae: DiffusionAutoencoder, x: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
+    """z_sem of every image (no DDIM inversion needed), on the CPU."""
+    out = []
     with torch.no_grad():
-        return torch.cat(
-            [model.semantic(x[i : i + batch].to(model.device)) for i in range(0, len(x), batch)]
-        )
+        for i in range(0, len(x), batch_size):
+            out.append(ae.semantic(x[i : i + batch_size].to(ae.device)).float().cpu())
+    return torch.cat(out)
 
 
-def bound_gains(model: DiffusionAutoencoder, rd: RunDir, margin: float) -> None:
-    """Bound ``model``'s z gains to their range over the semantic latents of the run's
-    training images, widened by ``margin`` of it on each side."""
-    z = training_latents(model, rd.load_plan())
-    model.unet.limit_z_gains(z, margin)
+def bound_gains(model: DiffusionAutoencoder, z_train: torch.Tensor, margin: float) -> None:
+    """Bound ``model``'s z gains to their range over ``z_train``, the semantic latents of the
+    run's training images (:func:`semantic_latents`), widened by ``margin`` of it on each side."""
+    model.unet.limit_z_gains(z_train, margin)
     info(
-        f"autoencoder: z gains bounded to their range over {len(z)} training images "
+        f"autoencoder: z gains bounded to their range over {len(z_train)} training images "
         f"(margin {margin:g})"
     )

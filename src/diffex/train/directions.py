@@ -35,7 +35,7 @@ from diffex.models.nuisance import names as nuisance_names
 from diffex.report.plots import training_curve
 from diffex.rundir import RunDir
 from diffex.runtime import check_precision, resolve_precision
-from diffex.train.autoencoder import load_autoencoder
+from diffex.train.autoencoder import load_autoencoder, semantic_latents
 from diffex.train.loop import EpochSampler, LoopConfig, run_loop
 from diffex.train.resume import stage_resume, weights_digest
 
@@ -122,15 +122,6 @@ class DirectionTrainer(nn.Module):
         super().__init__()
         self.editor = editor
         self.projector = Projector(z_dim) if objective == "paper" else None
-
-
-def semantic_latents(ae: DiffusionAutoencoder, x: Tensor, batch_size: int = 256) -> Tensor:
-    """z_sem of every image (no DDIM inversion needed), on the CPU."""
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            out.append(ae.semantic(x[i : i + batch_size].to(ae.device)).float().cpu())
-    return torch.cat(out)
 
 
 def one_step_x0(
