@@ -270,3 +270,30 @@ def test_bounded_z_gains_hold_the_data_and_stop_extrapolation():
     assert torch.equal(again, free[1]) and blocks[0].gain_lo is None
     with pytest.raises(DiffexError, match="margin"):
         unet.limit_z_gains(data, margin=-0.1)
+
+
+def test_class_axis_penalty_reads_the_decoder_along_the_class_axis():
+    """The penalty is positive for a decoder that responds to z_sem, its gradient reaches the
+    UNet but not the encoder or z_proj, and it is zero for a batch of one class and for a
+    decoder whose z gains ignore z_sem."""
+    ae, _ = _make()
+    _wake(ae)
+    x, y = _images(8), torch.tensor([0, 1] * 4)
+    spread = torch.full((3,), 0.01)
+
+    def penalty(labels: torch.Tensor) -> torch.Tensor:
+        return ae.class_axis_penalty(x, labels, spread, torch.Generator().manual_seed(0))
+
+    value = penalty(y)
+    assert value.item() > 0
+    value.backward()
+    unet_grads = [p.grad for p in ae.unet.parameters() if p.grad is not None]
+    assert unet_grads and sum(g.abs().sum().item() for g in unet_grads) > 0
+    assert all(p.grad is None for p in (*ae.encoder.parameters(), *ae.z_proj.parameters()))
+    assert penalty(torch.zeros(8, dtype=torch.long)).item() == 0
+    with torch.no_grad():
+        for block in ae.unet.modules():
+            if getattr(block, "z_proj", None) is not None:
+                block.z_proj[-1].weight.zero_()
+                block.z_proj[-1].bias.zero_()
+    assert penalty(y).item() == pytest.approx(0.0, abs=1e-8)

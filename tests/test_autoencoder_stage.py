@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import make_blob_folder
 
+from diffex.errors import DiffexError
 from diffex.io.atomic import read_json
 from diffex.models.unet import AttentionBlock
 from diffex.runtime import resolve_precision
@@ -148,3 +149,44 @@ def test_gain_margin_bounds_the_loaded_decoder(trained_run: tuple[Path, dict]) -
         with pytest.raises(DiffexError, match="gain_margin"):
             cfg(gain_margin=-0.5)
     assert main(["rank", "--run", str(run), "--gain-margin", "-1"]) == 2
+
+
+def test_class_axis_invariance_trains_and_is_recorded(
+    trained_run: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """``axis_invariance`` > 0 adds the class-axis term from the consistency term's start on:
+    it appears in the training history (zero before the start, positive after it) and in the
+    saved configuration; the default leaves it out."""
+    import shutil
+
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("autoencoder"))
+    cfg = AutoencoderTrainConfig(
+        preset="tiny",
+        steps=8,
+        batch_size=8,
+        warmup_steps=1,
+        sample_every=8,
+        eval_images=4,
+        ddim_steps=2,
+        consistency_start=4,
+        consistency_ramp=2,
+        axis_invariance=0.5,
+    )
+    metrics = train_autoencoder(copy, cfg, torch.device("cpu"))
+    history = metrics["history"]
+    terms = {h["step"]: h.get("axis_invariance") for h in history}
+    # the loop logs steps from 1; the term starts at the loop's step index 4, logged as 5
+    assert all(terms.get(s) is None for s in (1, 2, 3, 4)), terms
+    late = [v for s, v in terms.items() if s > 4]
+    assert late and all(v is not None and v > 0 for v in late), terms
+    assert read_json(copy / "autoencoder" / "config.json")["train"]["axis_invariance"] == 0.5
+    assert all(
+        "axis_invariance" not in h
+        for h in read_json(run / "autoencoder" / "metrics.json")["history"]
+    )
+    with pytest.raises(DiffexError, match="axis_invariance"):
+        AutoencoderTrainConfig(axis_invariance=-1.0)
+    with pytest.raises(DiffexError, match="axis_reach"):
+        AutoencoderTrainConfig(axis_reach=0.0)

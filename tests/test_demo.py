@@ -178,17 +178,31 @@ def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
 
 
 def test_marker_from_before_z_norm_means_raw_z(tmp_path: Path) -> None:
-    """An autoencoder marker written before ``z_norm`` existed conditioned the UNet on raw
-    z_sem: done for ``z_norm`` off, stale (retrained) for on, in its stage and the ones after."""
+    """An autoencoder marker written before ``z_norm`` (or the class-axis term) existed
+    conditioned the UNet on raw z_sem without that term: done for both off, stale (retrained)
+    for either on, in its stage and the ones after."""
     from diffex.io.atomic import write_json
     from diffex.pipeline import _done
 
     old = {"seed": 0, "autoencoder": {"steps": 1000}}
-    now = {"steps": 1000, "z_norm": False, "attention": None, "gain_sd": 0.0}
+    now = {
+        "steps": 1000,
+        "z_norm": False,
+        "attention": None,
+        "gain_sd": 0.0,
+        "axis_invariance": 0.0,
+        "axis_reach": 3.0,
+    }
     for stage in ("autoencoder", "directions"):
         write_json(tmp_path / ".stages" / f"{stage}.json", {"config": old, "seconds": 1.0})
         assert _done(tmp_path, stage, {**old, "autoencoder": now})
-        for moved in ({"z_norm": True}, {"attention": []}, {"gain_sd": 0.15}):
+        changes = (
+            {"z_norm": True},
+            {"attention": []},
+            {"gain_sd": 0.15},
+            {"axis_invariance": 0.03},
+        )
+        for moved in changes:
             assert not _done(tmp_path, stage, {**old, "autoencoder": {**now, **moved}})
     # a classifier marker from before gain augmentation trained without it
     old_clf = {"seed": 0, "classifier": {"epochs": 20}}

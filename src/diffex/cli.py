@@ -662,6 +662,15 @@ def _autoencoder_options(f: Any) -> Any:
             "measured on the demo, it does not stop the reverse-half dimming: BENCHMARKS.md).",
         ),
         click.option(
+            "--axis-invariance",
+            type=click.FloatRange(0.0, None),
+            default=0.0,
+            show_default=True,
+            help="Weight of a penalty on the decoder changing the imaging (background, position, "
+            "nucleus gain) when z_sem moves along the class axis, up to 3 class gaps either way "
+            "(0 = off; an experiment against the reverse-half dimming: BENCHMARKS.md).",
+        ),
+        click.option(
             "--attention",
             default=None,
             metavar="PX,...",
@@ -732,6 +741,7 @@ def _autoencoder_config(opts: Options, **kw: Any) -> Any:
         z_norm=kw["z_norm"],
         attention=_attention(kw["attention"]),
         gain_sd=kw["gain_sd"],
+        axis_invariance=kw["axis_invariance"],
         t_skew=kw["t_skew"],
         consistency_weight=kw["consistency_weight"],
         ddim_steps=kw["ddim_steps"],

@@ -135,7 +135,13 @@ def _stage_marker(out: Path, stage: str) -> Path:
 #: UNet's z gains unbounded.
 LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
     "classifier": {"gain_sd": 0.0},
-    "autoencoder": {"z_norm": False, "attention": None, "gain_sd": 0.0},
+    "autoencoder": {
+        "z_norm": False,
+        "attention": None,
+        "gain_sd": 0.0,
+        "axis_invariance": 0.0,
+        "axis_reach": 3.0,
+    },
     "directions": {"restarts": 1, "precision": "fp32", "signs": "plus", "reverse": 0.0},
     **{
         stage: {"precision": "fp32", "gain_margin": None}

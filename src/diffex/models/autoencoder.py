@@ -32,6 +32,7 @@ from diffex.diffusion import (
 )
 from diffex.errors import DiffexError
 from diffex.models.encoder import ENCODER_PRESETS, EncoderConfig, SemanticEncoder
+from diffex.models.nuisance import invariance_penalty
 from diffex.models.protocol import Classifier
 from diffex.models.unet import UNET_PRESETS, UNet, UNetConfig
 
@@ -372,6 +373,62 @@ class DiffusionAutoencoder(nn.Module):
             consistency = classifier_kl(self.classifier, xc, straight_through_clamp(x0_hat.float()))
         loss = mse + consistency_weight * consistency
         return {"loss": loss, "mse": mse, "consistency": consistency}
+
+    def class_axis_penalty(
+        self,
+        x: Tensor,
+        y: Tensor,
+        spread: Tensor,
+        generator: torch.Generator | None = None,
+        gain_channel: int | None = None,
+        reach: float = 3.0,
+        share: float = 1.0,
+        t_range: tuple[float, float] = (0.2, 0.6),
+    ) -> Tensor:
+        """How much the decoder changes the imaging when z_sem moves along the class axis.
+
+        The axis is the batch's own: the mean z_sem of one class (drawn from those present)
+        minus that of the others, with no gradient. The first ``share`` of the batch is moved
+        by s ~ U[-reach, reach] times that axis (s = 1: one class gap; past the data at |s|
+        over about 1) and decoded in one step from the same x_t, t ~ T U[t_range) (about where
+        the directions decode their edits), with and without the move. The result is
+        :func:`diffex.models.nuisance.invariance_penalty` of the moved decodes against the
+        unmoved ones (natural sds ``spread``). Its gradient reaches the UNet only: the encoder
+        is not asked to change z_sem. Dropout is off for both decodes. Zero when the batch
+        holds one class.
+        """
+        classes = torch.unique(y)
+        if len(classes) < 2:
+            return torch.zeros((), device=x.device)
+        with torch.no_grad():
+            z = self.semantic(x).float()
+            pick = torch.randint(len(classes), (1,), generator=generator).item()
+            inside = (y == classes[pick]).to(x.device)
+            axis = z[inside].mean(0) - z[~inside].mean(0)
+        m = max(1, min(len(x), round(len(x) * share)))
+        s = (torch.rand(m, generator=generator) * 2 - 1).to(x.device) * reach
+        T = self.schedule.T
+        lo, hi = (max(0, min(T - 1, int(f * T))) for f in t_range)
+        t = torch.randint(lo, max(lo + 1, hi), (m,), generator=generator).to(x.device)
+        xm = x[:m]
+        x_t = q_sample(self.schedule, xm, t, _randn_like(xm, generator))
+        with self._without_dropout():  # the two decodes differ by the move alone
+            with torch.no_grad():
+                base = predict_x0(self.schedule, x_t, t, self.eps(x_t, t, z[:m]).float())
+                base = base.clamp(-1, 1)
+            moved_z = z[:m] + s[:, None] * axis[None]
+            moved = predict_x0(self.schedule, x_t, t, self.eps(x_t, t, moved_z).float())
+        return invariance_penalty(straight_through_clamp(moved), base, spread, gain_channel)
+
+    @contextlib.contextmanager
+    def _without_dropout(self) -> Iterator[None]:
+        """The UNet in eval mode (no dropout; it has no running statistics) for a while."""
+        training = self.unet.training
+        self.unet.eval()
+        try:
+            yield
+        finally:
+            self.unet.train(training)
 
 
 def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -16,6 +16,7 @@ from diffex.io.atomic import write_json
 from diffex.io.checkpoint import load_config, load_state, save_module
 from diffex.log import info
 from diffex.models.autoencoder import AutoencoderConfig, DiffusionAutoencoder
+from diffex.models.nuisance import natural_spread
 from diffex.models.protocol import Classifier
 from diffex.report.grids import reconstruction_grid
 from diffex.report.plots import training_curve
@@ -50,6 +51,13 @@ class AutoencoderTrainConfig:
     consistency_ramp: int = 500
     consistency_tmax: int = 200
     consistency_fraction: float = 1.0
+    #: weight of the class-axis invariance term (0: off): the decoder is penalised for changing
+    #: the imaging statistics (background, position, nucleus gain) when z_sem moves along the
+    #: batch's class axis, up to ``axis_reach`` class gaps either way (past the data); on the
+    #: consistency term's schedule and share of the batch. See
+    #: :meth:`diffex.models.autoencoder.DiffusionAutoencoder.class_axis_penalty`.
+    axis_invariance: float = 0.0
+    axis_reach: float = 3.0
     augment: bool = True
     #: sd of a random log-gain per training image, shared by its channels (0: off); see
     #: :func:`diffex.train.classifier.gain_batch`
@@ -79,14 +87,25 @@ class AutoencoderTrainConfig:
             raise DiffexError(
                 f"consistency_fraction must be in (0, 1], got {self.consistency_fraction}"
             )
+        if self.axis_invariance < 0:
+            raise DiffexError(f"axis_invariance must be >= 0, got {self.axis_invariance}")
+        if self.axis_reach <= 0:
+            raise DiffexError(f"axis_reach must be > 0, got {self.axis_reach}")
         check_precision(self.precision)
+
+    def ramp_at(self, step: int) -> float:
+        """0 before ``consistency_start``, then a linear ramp to 1 over ``consistency_ramp``."""
+        if step < self.consistency_start:
+            return 0.0
+        return min(1.0, (step - self.consistency_start + 1) / max(1, self.consistency_ramp))
 
     def consistency_at(self, step: int) -> float:
         """Consistency weight at ``step``: 0 before ``consistency_start``, then a linear ramp."""
-        if self.consistency_weight == 0 or step < self.consistency_start:
-            return 0.0
-        ramp = min(1.0, (step - self.consistency_start + 1) / max(1, self.consistency_ramp))
-        return self.consistency_weight * ramp
+        return self.consistency_weight * self.ramp_at(step)
+
+    def axis_invariance_at(self, step: int) -> float:
+        """Class-axis invariance weight at ``step``, on the consistency term's ramp."""
+        return self.axis_invariance * self.ramp_at(step)
 
 
 def heldout_subset(plan: DataPlan, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,21 +169,38 @@ def train_autoencoder(
     gen = torch.Generator().manual_seed(cfg.seed + 11 + 1_000_003 * rank())  # noise per rank
     sampler = iter(EpochSampler(len(train.y), cfg.batch_size, cfg.seed))
     pool = training_pool(train.x, device)
-    batches = (pool[i] for i in sampler)
+    batches = ((pool[i], train.y[i]) for i in sampler)
+    gain_channel = plan.measure_channels.get("nucleus")
+    spread = None
+    if cfg.axis_invariance > 0:
+        spread = natural_spread(train.x, gain_channel).to(device)
+        info(f"autoencoder: class-axis invariance {cfg.axis_invariance} to {cfg.axis_reach} gaps")
 
-    def loss_fn(m: torch.nn.Module, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+    def loss_fn(
+        m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int
+    ) -> dict[str, torch.Tensor]:
+        x, y = batch
         if cfg.augment:
             x = augment_batch(x, gen, rotate=plan.orientation == "any")
         if cfg.gain_sd > 0:
             x = gain_batch(x, gen, cfg.gain_sd)
-        return m.training_loss(
-            x.to(device, non_blocking=True),
+        x = x.to(device, non_blocking=True)
+        out = m.training_loss(
+            x,
             generator=gen,
             t_skew=cfg.t_skew,
             consistency_weight=cfg.consistency_at(step),
             consistency_tmax=cfg.consistency_tmax,
             consistency_fraction=cfg.consistency_fraction,
         )
+        weight = cfg.axis_invariance_at(step)
+        if spread is not None and weight > 0:
+            penalty = m.class_axis_penalty(
+                x, y, spread, gen, gain_channel, cfg.axis_reach, cfg.consistency_fraction
+            )
+            out["axis_invariance"] = penalty
+            out["loss"] = out["loss"] + weight * penalty
+        return out
 
     held_x, held_y = heldout_subset(plan, cfg.eval_images, cfg.seed)
     pidx = _preview_index(held_y, len(plan.classes), per_class=4)
