@@ -10,7 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffex.errors import DiffexError
-from diffex.models.autoencoder import AutoencoderConfig, DiffusionAutoencoder
+from diffex.models.autoencoder import (
+    OUTWARD_FROM,
+    AutoencoderConfig,
+    DiffusionAutoencoder,
+    outward_steps,
+)
 from diffex.models.encoder import ENCODER_PRESETS, SemanticEncoder
 from diffex.models.protocol import Classifier
 from diffex.models.unet import UNET_PRESETS, UNet, count_parameters, unet_preset
@@ -297,3 +302,15 @@ def test_class_axis_penalty_reads_the_decoder_along_the_class_axis():
                 block.z_proj[-1].weight.zero_()
                 block.z_proj[-1].bias.zero_()
     assert penalty(y).item() == pytest.approx(0.0, abs=1e-8)
+
+
+def test_outward_steps_leave_the_data_away_from_the_other_class():
+    """The axis's own class moves along +axis, the others along -axis, by OUTWARD_FROM to
+    ``reach`` class gaps; seeded."""
+    inside = torch.tensor([True, False] * 200)
+    steps = outward_steps(inside, 3.0, torch.Generator().manual_seed(0))
+    assert (steps[inside] > 0).all() and (steps[~inside] < 0).all()
+    size = steps.abs()
+    assert size.min() >= OUTWARD_FROM and size.max() < 3.0 and size.max() > 2.5
+    again = outward_steps(inside, 3.0, torch.Generator().manual_seed(0))
+    assert torch.equal(steps, again)

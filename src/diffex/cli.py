@@ -667,8 +667,9 @@ def _autoencoder_options(f: Any) -> Any:
             default=0.0,
             show_default=True,
             help="Weight of a penalty on the decoder changing the imaging (background, position, "
-            "nucleus gain) when z_sem moves along the class axis, up to 3 class gaps either way "
-            "(0 = off; an experiment against the reverse-half dimming: BENCHMARKS.md).",
+            "nucleus gain) when z_sem moves past the data along the class axis, away from the "
+            "other class by up to 3 class gaps (0 = off; an experiment against the reverse-half "
+            "dimming: BENCHMARKS.md).",
         ),
         click.option(
             "--attention",

@@ -385,13 +385,16 @@ class DiffusionAutoencoder(nn.Module):
         share: float = 1.0,
         t_range: tuple[float, float] = (0.2, 0.6),
     ) -> Tensor:
-        """How much the decoder changes the imaging when z_sem moves along the class axis.
+        """How much the decoder changes the imaging when z_sem moves past the data along the
+        class axis.
 
         The axis is the batch's own: the mean z_sem of one class (drawn from those present)
-        minus that of the others, with no gradient. The first ``share`` of the batch is moved
-        by s ~ U[-reach, reach] times that axis (s = 1: one class gap; past the data at |s|
-        over about 1) and decoded in one step from the same x_t, t ~ T U[t_range) (about where
-        the directions decode their edits), with and without the move. The result is
+        minus that of the others, with no gradient. Each image of the first ``share`` of the
+        batch is moved outward, away from the other side (the target class's images along
+        +axis, the others along -axis), by s ~ U[``OUTWARD_FROM``, ``reach``) class gaps:
+        where the reverse half of an explanation's sweep goes and no training image is. The
+        moved and unmoved latents are decoded in one step from the same x_t, t ~ T U[t_range)
+        (about where the directions decode their edits). The result is
         :func:`diffex.models.nuisance.invariance_penalty` of the moved decodes against the
         unmoved ones (natural sds ``spread``). Its gradient reaches the UNet only: the encoder
         is not asked to change z_sem. Dropout is off for both decodes. Zero when the batch
@@ -406,7 +409,7 @@ class DiffusionAutoencoder(nn.Module):
             inside = (y == classes[pick]).to(x.device)
             axis = z[inside].mean(0) - z[~inside].mean(0)
         m = max(1, min(len(x), round(len(x) * share)))
-        s = (torch.rand(m, generator=generator) * 2 - 1).to(x.device) * reach
+        s = outward_steps(inside[:m], reach, generator)
         T = self.schedule.T
         lo, hi = (max(0, min(T - 1, int(f * T))) for f in t_range)
         t = torch.randint(lo, max(lo + 1, hi), (m,), generator=generator).to(x.device)
@@ -429,6 +432,19 @@ class DiffusionAutoencoder(nn.Module):
             yield
         finally:
             self.unet.train(training)
+
+
+#: The smallest outward move of :meth:`DiffusionAutoencoder.class_axis_penalty`, in class gaps.
+OUTWARD_FROM = 0.5
+
+
+def outward_steps(inside: Tensor, reach: float, generator: torch.Generator | None = None) -> Tensor:
+    """Signed moves along the class axis, in class gaps, that take each latent away from the
+    other side: s ~ U[OUTWARD_FROM, reach), positive where ``inside`` (the axis's own class),
+    negative elsewhere."""
+    size = torch.rand(len(inside), generator=generator).to(inside.device)
+    size = OUTWARD_FROM + (max(reach, OUTWARD_FROM) - OUTWARD_FROM) * size
+    return torch.where(inside, size, -size)
 
 
 def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:

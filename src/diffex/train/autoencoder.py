@@ -52,9 +52,9 @@ class AutoencoderTrainConfig:
     consistency_tmax: int = 200
     consistency_fraction: float = 1.0
     #: weight of the class-axis invariance term (0: off): the decoder is penalised for changing
-    #: the imaging statistics (background, position, nucleus gain) when z_sem moves along the
-    #: batch's class axis, up to ``axis_reach`` class gaps either way (past the data); on the
-    #: consistency term's schedule and share of the batch. See
+    #: the imaging statistics (background, position, nucleus gain) when z_sem moves outward
+    #: along the batch's class axis, away from the other class, by up to ``axis_reach`` class
+    #: gaps (past the data); on the consistency term's schedule and share of the batch. See
     #: :meth:`diffex.models.autoencoder.DiffusionAutoencoder.class_axis_penalty`.
     axis_invariance: float = 0.0
     axis_reach: float = 3.0
