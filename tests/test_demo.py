@@ -302,3 +302,29 @@ def test_demo_summary_prints_imaging_drift_only_where_there_is_one(capsys) -> No
     assert out[at + 2] == f"    past the training data: {past[0]}"
     assert sum("imaging follows alpha" in line for line in out) == 1
     assert sum("past the training data" in line for line in out) == 1
+
+
+def test_demo_options_reach_the_stage_configs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``demo --z-norm --axis-invariance W --gain-margin M`` change the autoencoder's and the
+    decoding stages' settings of the preset and nothing else; without them the preset runs."""
+    import diffex.pipeline as pipeline
+
+    seen: list[pipeline.DemoConfig] = []
+
+    def fake_run(out: Path, cfg: pipeline.DemoConfig, device: object, seed: int = 0) -> dict:
+        seen.append(cfg)
+        return {"out": str(out)}
+
+    monkeypatch.setattr(pipeline, "run_demo", fake_run)
+    base = ["--device", "cpu", "demo", "--preset", "quick", "--out", str(tmp_path)]
+    assert main(base) == 0
+    assert main([*base, "--z-norm", "--axis-invariance", "0.03", "--gain-margin", "0.1"]) == 0
+    plain, moved = seen
+    assert plain == pipeline.demo_preset("quick")
+    assert plain.autoencoder.axis_invariance == 0.0 and not plain.autoencoder.z_norm
+    assert moved.autoencoder.axis_invariance == 0.03 and moved.autoencoder.z_norm
+    assert all(getattr(moved, s).gain_margin == 0.1 for s in ("rank", "explain", "evaluate"))
+    assert moved.directions == plain.directions and moved.classifier == plain.classifier
+    assert main([*base, "--axis-invariance", "-1"]) == 2

@@ -65,6 +65,12 @@ Z_NORM_HELP = (
     "Layer-normalise z_sem before it conditions the UNet, so edits far past the data do not "
     "blow up or collapse the decoder's gains."
 )
+AXIS_INVARIANCE_HELP = (
+    "Weight of a penalty on the decoder changing the imaging (background, position, nucleus "
+    "gain) when z_sem moves past the data along the class axis, away from the other class by "
+    "up to 3 class gaps (0 = off; an experiment against the reverse-half dimming that weakens "
+    "the class signal: BENCHMARKS.md)."
+)
 
 
 def pass_options(f: Any) -> Any:
@@ -666,10 +672,7 @@ def _autoencoder_options(f: Any) -> Any:
             type=click.FloatRange(0.0, None),
             default=0.0,
             show_default=True,
-            help="Weight of a penalty on the decoder changing the imaging (background, position, "
-            "nucleus gain) when z_sem moves past the data along the class axis, away from the "
-            "other class by up to 3 class gaps (0 = off; an experiment against the reverse-half "
-            "dimming: BENCHMARKS.md).",
+            help=AXIS_INVARIANCE_HELP,
         ),
         click.option(
             "--attention",
@@ -1286,6 +1289,12 @@ def report(run: Path, out: Path | None) -> None:
     default=None,
     help=GAIN_MARGIN_HELP + " Rank, explain and evaluate.",
 )
+@click.option(
+    "--axis-invariance",
+    type=click.FloatRange(min=0),
+    default=None,
+    help=AXIS_INVARIANCE_HELP + "  [default: the preset's, 0]",
+)
 @_external_options
 @pass_options
 def demo(
@@ -1297,6 +1306,7 @@ def demo(
     until: str,
     z_norm: bool | None,
     gain_margin: float | None,
+    axis_invariance: float | None,
     **kw: Any,
 ) -> None:
     """Run the whole pipeline and print where the results are.
@@ -1322,6 +1332,8 @@ def demo(
         cfg = replace(cfg, data=str(data), external=spec, rank=replace(cfg.rank, target=target))
     if z_norm is not None:
         cfg = replace(cfg, autoencoder=replace(cfg.autoencoder, z_norm=z_norm))
+    if axis_invariance is not None:
+        cfg = replace(cfg, autoencoder=replace(cfg.autoencoder, axis_invariance=axis_invariance))
     if gain_margin is not None:
         cfg = replace(
             cfg,
