@@ -415,23 +415,16 @@ class DiffusionAutoencoder(nn.Module):
         t = torch.randint(lo, max(lo + 1, hi), (m,), generator=generator).to(x.device)
         xm = x[:m]
         x_t = q_sample(self.schedule, xm, t, _randn_like(xm, generator))
-        with self._without_dropout():  # the two decodes differ by the move alone
+        with self._eval_mode():  # no dropout: the two decodes differ by the move alone
             with torch.no_grad():
-                base = predict_x0(self.schedule, x_t, t, self.eps(x_t, t, z[:m]).float())
-                base = base.clamp(-1, 1)
-            moved_z = z[:m] + s[:, None] * axis[None]
-            moved = predict_x0(self.schedule, x_t, t, self.eps(x_t, t, moved_z).float())
+                base = self.x0_estimate(x_t, t, z[:m]).clamp(-1, 1)
+            moved = self.x0_estimate(x_t, t, z[:m] + s[:, None] * axis[None])
         return invariance_penalty(straight_through_clamp(moved), base, spread, gain_channel)
 
-    @contextlib.contextmanager
-    def _without_dropout(self) -> Iterator[None]:
-        """The UNet in eval mode (no dropout; it has no running statistics) for a while."""
-        training = self.unet.training
-        self.unet.eval()
-        try:
-            yield
-        finally:
-            self.unet.train(training)
+    def x0_estimate(self, x_t: Tensor, t: Tensor, z: Tensor) -> Tensor:
+        """The one-step estimate of x_0 from ``x_t`` at steps t given z_sem, in fp32 and not
+        clamped (the UNet runs in whatever autocast is active)."""
+        return predict_x0(self.schedule, x_t, t, self.eps(x_t, t, z).float())
 
 
 #: The smallest outward move of :meth:`DiffusionAutoencoder.class_axis_penalty`, in class gaps.

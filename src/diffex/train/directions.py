@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from diffex.config import build
 from diffex.data.loading import load_split
-from diffex.diffusion import predict_x0, q_sample
+from diffex.diffusion import q_sample
 from diffex.errors import DiffexError
 from diffex.io.atomic import write_json
 from diffex.io.checkpoint import load_config, load_state, save_module
@@ -130,8 +130,7 @@ def one_step_x0(
     """The one-step estimate of x_0 from ``x_t`` given z_sem ``z``, clamped to [-1, 1], in fp32;
     ``bf16`` runs the UNet under bf16 autocast."""
     with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=bf16):
-        eps = ae.eps(x_t, t, z)
-    return predict_x0(ae.schedule, x_t, t, eps.float()).clamp(-1, 1)
+        return ae.x0_estimate(x_t, t, z).clamp(-1, 1)
 
 
 def edit_features(
