@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -90,6 +91,43 @@ def test_unet_shape_and_zero_init():
     cl = x.contiguous(memory_format=torch.channels_last)
     out_cl = unet.to(memory_format=torch.channels_last)(cl, torch.tensor(5), torch.zeros(3, 16))
     assert out_cl.shape == x.shape
+
+
+def test_patched_networks():
+    """``patch_size`` 2 folds 2 x 2 pixels into channels: the UNet still predicts noise of the
+    image's shape (zero when fresh), each output pixel reads its own position (a woken network
+    changes the four pixels of a patch differently), the encoder gives the latent size, the
+    ``cpu64p`` presets keep ``cpu64``'s parameter count and latents within 10 %, sizes the
+    patches cannot tile fail with one line, and a config saved before the option loads as 1."""
+    torch.manual_seed(0)
+    unet = UNet(unet_preset("tiny", patch_size=2, dropout=0.0)).eval()
+    x, t, z = torch.randn(2, 3, SIZE, SIZE), torch.tensor([10, 80]), torch.randn(2, 16)
+    assert unet.conv_in.in_channels == 12 and unet.conv_out.out_channels == 12
+    assert torch.count_nonzero(unet(x, t, z)) == 0
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        out = unet(x, t, z)
+    assert out.shape == x.shape
+    patch = out[:, :, :2, :2].reshape(2, 3, 4)
+    assert (patch - patch.mean(dim=2, keepdim=True)).abs().amin() > 0  # not one value per patch
+    enc = SemanticEncoder(replace(ENCODER_PRESETS["tiny"], patch_size=2, channel_mult=(1, 2)))
+    assert enc(x).shape == (2, ENCODER_PRESETS["tiny"].out_dim)
+    plain, patched = AutoencoderConfig(unet="cpu64"), AutoencoderConfig(unet="cpu64p")
+    assert patched.unet.patch_size == patched.encoder.patch_size == 2
+    assert patched.z_dim == plain.z_dim
+    for net, cfg in ((UNet, "unet"), (SemanticEncoder, "encoder")):
+        n_plain = count_parameters(net(getattr(plain, cfg)))
+        assert abs(count_parameters(net(getattr(patched, cfg))) / n_plain - 1) < 0.1
+    AutoencoderConfig.from_preset("cpu64p", in_channels=3, image_size=48)  # 24 px levels
+    with pytest.raises(DiffexError, match="multiple of patch_size 2"):
+        unet_preset("tiny", image_size=15, patch_size=2)
+    with pytest.raises(DiffexError, match="patch_size"):
+        unet_preset("tiny", patch_size=0)
+    old = AutoencoderConfig.from_preset("tiny", in_channels=3).to_dict()
+    del old["unet"]["patch_size"], old["encoder"]["patch_size"]
+    again = AutoencoderConfig.from_dict(old)
+    assert again.unet.patch_size == again.encoder.patch_size == 1
 
 
 def test_z_norm_conditions_on_the_direction_of_z_only():
@@ -185,8 +223,15 @@ def test_classifier_logits_with_grad_reaches_input():
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
-def test_a_few_steps_reduce_the_loss():
+@pytest.mark.parametrize("patch", [1, 2])
+def test_a_few_steps_reduce_the_loss(patch):
     ae, _ = _make()
+    if patch > 1:  # the same tiny autoencoder with 2 x 2 patches
+        torch.manual_seed(0)
+        cfg = AutoencoderConfig.from_preset(
+            "tiny", in_channels=3, T=100, unet_overrides={"patch_size": patch}
+        )
+        ae = DiffusionAutoencoder(cfg, TinyClassifier())
     ae.train()
     x = _images(8)
     opt = torch.optim.AdamW(ae.parameters(), lr=1e-3)

@@ -23,7 +23,8 @@ from diffex.models.unet import (
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """Architecture of the semantic encoder (``attn_resolutions`` in pixels)."""
+    """Architecture of the semantic encoder (``attn_resolutions`` in pixels of the feature
+    maps; ``patch_size`` as in :class:`diffex.models.unet.UNetConfig`)."""
 
     in_channels: int = 3
     image_size: int = 64
@@ -36,6 +37,7 @@ class EncoderConfig:
     num_heads: int | None = None
     head_dim: int = 64
     groups: int = 32
+    patch_size: int = 1
 
     def __post_init__(self) -> None:
         validate_network(self, "encoder")
@@ -68,6 +70,17 @@ ENCODER_PRESETS: dict[str, EncoderConfig] = {
         head_dim=32,
         groups=8,
     ),
+    "cpu64p": EncoderConfig(
+        image_size=64,
+        base_channels=64,
+        channel_mult=(1, 1, 2, 2),
+        num_res_blocks=1,
+        attn_resolutions=(),
+        out_dim=256,
+        head_dim=32,
+        groups=8,
+        patch_size=2,
+    ),
     "tiny": EncoderConfig(
         image_size=16,
         base_channels=8,
@@ -97,9 +110,9 @@ class SemanticEncoder(nn.Module):
         super().__init__()
         self.config = cfg = config
         ch = cfg.base_channels * cfg.channel_mult[0]
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels * cfg.patch_size**2, ch, 3, padding=1)
         layers: list[nn.Module] = []
-        res = cfg.image_size
+        res = cfg.image_size // cfg.patch_size
         for level, mult in enumerate(cfg.channel_mult):
             out = cfg.base_channels * mult
             for _ in range(cfg.num_res_blocks):
@@ -116,6 +129,7 @@ class SemanticEncoder(nn.Module):
         self.fc = nn.Linear(ch, cfg.out_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.blocks(self.conv_in(x))
+        p = self.config.patch_size
+        h = self.blocks(self.conv_in(F.pixel_unshuffle(x, p) if p > 1 else x))
         h = F.silu(self.norm_out(h)).mean(dim=(2, 3))
         return self.fc(h)
