@@ -1,9 +1,13 @@
 """Micro-benchmark: parameters and forward+backward time of the ``cpu64`` UNet (and the full
 autoencoder step) on this CPU at batch 32; with ``--classifier``, also one training step of the
-demo's classifier (``small`` preset, batch 64, 48 px).
+demo's classifier (``small`` preset, batch 64, 48 px, fp32).
 
 Run: ``OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_unet_cpu.py [--preset cpu64] [--batch 32]
-[--no-channels-last] [--bf16] [--compile] [--classifier] [--size PX] [--attn RES,...]``
+[--no-channels-last] [--bf16] [--compile] [--classifier] [--stem-stride 2] [--size PX]
+[--attn RES,...]``
+
+``--preset cpu64p`` times the demo's patched networks (2 x 2 pixel patches); ``--stem-stride 2``
+the demo's classifier (stride 2 in its first convolution).
 
 ``--size`` builds the networks (and the classifier) for another image size; ``--attn`` sets the
 UNet's attention resolutions (``--attn=`` for none besides the middle block).
@@ -80,9 +84,17 @@ def median_ms(fn: Callable[[], None], repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def time_classifier(repeats: int, channels_last: bool, batch: int = 64, size: int = 48) -> float:
-    """Median ms of one AdamW training step of the demo's classifier on random data."""
-    clf = ResNetClassifier(ClassifierConfig.from_preset("small", 3, size, ["a", "b"])).train()
+def time_classifier(
+    repeats: int,
+    channels_last: bool,
+    batch: int = 64,
+    size: int = 48,
+    stem_stride: int | None = None,
+) -> float:
+    """Median ms of one AdamW training step (fp32, as the classifier stage trains) of the demo's
+    classifier on random data."""
+    cfg = ClassifierConfig.from_preset("small", 3, size, ["a", "b"], stem_stride=stem_stride)
+    clf = ResNetClassifier(cfg).train()
     x = torch.randn(batch, 3, size, size)
     if channels_last:
         clf.to(memory_format=torch.channels_last)
@@ -107,6 +119,12 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks")
     parser.add_argument("--classifier", action="store_true", help="also time the classifier")
+    parser.add_argument(
+        "--stem-stride",
+        type=int,
+        choices=(1, 2),
+        help="the classifier's first stride [default: its size rule, 1 at 48 px]",
+    )
     parser.add_argument("--size", type=int, help="image size [default: the preset's]")
     parser.add_argument(
         "--attn",
@@ -122,7 +140,9 @@ def main() -> None:
     unet_cfg = unet_preset(args.preset, **size, **attn)
     unet = UNet(unet_cfg).train()
     encoder = SemanticEncoder(encoder_preset(args.preset, **size)).train()
-    levels = [unet_cfg.image_size >> i for i in range(len(unet_cfg.channel_mult))]
+    levels = [
+        (unet_cfg.image_size // unet_cfg.patch_size) >> i for i in range(len(unet_cfg.channel_mult))
+    ]
     attends = [r for r in levels if r in unet_cfg.attn_resolutions] or "none"
     print(
         f"preset {args.preset} at {unet_cfg.image_size} px (feature maps {levels}; attention "
@@ -141,8 +161,13 @@ def main() -> None:
     )
     if args.classifier:
         size = args.size or 48
-        ms = time_classifier(args.repeats, channels_last, size=size)
-        print(f"classifier (small, batch 64, {size} px) training step, {layout}: {ms:.0f} ms")
+        ms = time_classifier(args.repeats, channels_last, size=size, stem_stride=args.stem_stride)
+        stride = "" if args.stem_stride is None else f", stem stride {args.stem_stride}"
+        layout = "channels_last" if channels_last else "NCHW"
+        print(
+            f"classifier (small, batch 64, {size} px{stride}) fp32 training step, {layout}: "
+            f"{ms:.0f} ms"
+        )
 
 
 if __name__ == "__main__":

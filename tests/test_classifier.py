@@ -92,6 +92,27 @@ def test_model_satisfies_protocol() -> None:
     assert torch.allclose(model.probs(x).sum(1), torch.ones(5))
 
 
+def test_stem_stride_halves_the_first_feature_map_and_old_configs_keep_theirs() -> None:
+    """Stride 2 halves the stem's output at 48 px (the demo's classifier); a config saved
+    before the option loads with the old rule (1 below 64 px, 2 from 64 px), so a saved 48 px
+    classifier is rebuilt as it trained; other strides fail with one line."""
+    x = torch.rand(2, 3, 48, 48) * 2 - 1
+    shapes = {}
+    for stride in (None, 1, 2):
+        model = ResNetClassifier(ClassifierConfig.from_preset("tiny", 3, 48, ["a", "b"], stride))
+        model.eval()
+        shapes[stride] = model.stem(x).shape[-1]
+        assert model.features(x).shape == (2, model.feature_dim)
+    assert shapes == {None: 48, 1: 48, 2: 24}
+    for size, legacy in ((48, 1), (64, 2)):
+        saved = ClassifierConfig.from_preset("tiny", 3, size, ["a", "b"], 3 - legacy).to_dict()
+        assert ClassifierConfig.from_dict(saved).stem_stride == 3 - legacy
+        del saved["stem_stride"]
+        assert ClassifierConfig.from_dict(saved).stem_stride == legacy
+    with pytest.raises(DiffexError, match="stem_stride must be 1 or 2, got 3"):
+        ClassifierConfig.from_preset("tiny", 3, 48, ["a", "b"], 3)
+
+
 def test_train_classifier_learns_and_writes_everything(tmp_path: Path) -> None:
     data = make_blob_folder(tmp_path / "d", n_per_class=60, size=32)
     run = tmp_path / "run"

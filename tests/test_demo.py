@@ -177,6 +177,21 @@ def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
     assert not _done(tmp_path, "explain", now)  # no marker
 
 
+def test_marker_from_before_stem_stride_means_the_size_rule(tmp_path: Path) -> None:
+    """A classifier marker written before ``stem_stride`` existed used the network's size rule
+    (None): done for None, stale (retrained) for an explicit stride such as 2."""
+    from diffex.io.atomic import write_json
+    from diffex.pipeline import _done
+
+    old = {"seed": 0, "classifier": {"image_size": 48, "epochs": 20}}
+    write_json(tmp_path / ".stages" / "classifier.json", {"config": old, "seconds": 1.0})
+    now = {**old, "classifier": {**old["classifier"], "gain_sd": 0.0, "stem_stride": None}}
+    assert _done(tmp_path, "classifier", now)
+    assert not _done(
+        tmp_path, "classifier", {**now, "classifier": {**now["classifier"], "stem_stride": 2}}
+    )
+
+
 def test_marker_from_before_z_norm_means_raw_z(tmp_path: Path) -> None:
     """An autoencoder marker written before ``z_norm`` (or the class-axis term) existed
     conditioned the UNet on raw z_sem without that term: done for both off, stale (retrained)
@@ -207,9 +222,10 @@ def test_marker_from_before_z_norm_means_raw_z(tmp_path: Path) -> None:
     # a classifier marker from before gain augmentation trained without it
     old_clf = {"seed": 0, "classifier": {"epochs": 20}}
     write_json(tmp_path / ".stages" / "classifier.json", {"config": old_clf, "seconds": 1.0})
-    assert _done(tmp_path, "classifier", {"seed": 0, "classifier": {"epochs": 20, "gain_sd": 0.0}})
+    clf_now = {"epochs": 20, "gain_sd": 0.0, "stem_stride": None}
+    assert _done(tmp_path, "classifier", {"seed": 0, "classifier": clf_now})
     assert not _done(
-        tmp_path, "classifier", {"seed": 0, "classifier": {"epochs": 20, "gain_sd": 0.15}}
+        tmp_path, "classifier", {"seed": 0, "classifier": {**clf_now, "gain_sd": 0.15}}
     )
 
 
@@ -328,3 +344,22 @@ def test_demo_options_reach_the_stage_configs(
     assert all(getattr(moved, s).gain_margin == 0.1 for s in ("rank", "explain", "evaluate"))
     assert moved.directions == plain.directions and moved.classifier == plain.classifier
     assert main([*base, "--axis-invariance", "-1"]) == 2
+
+
+def test_fast_preset_is_the_default_on_patched_networks() -> None:
+    """``--preset fast`` changes exactly two settings of the default: the patched autoencoder
+    and the classifier's stride-2 stem; the seed reaches every stage as in the default, and
+    an unknown preset fails with one line naming the choices."""
+    from dataclasses import replace
+
+    from diffex.errors import DiffexError
+    from diffex.pipeline import demo_preset
+
+    fast, default = demo_preset("fast", 3), demo_preset("default", 3)
+    assert (fast.autoencoder.preset, fast.classifier.stem_stride) == ("cpu64p", 2)
+    assert (default.autoencoder.preset, default.classifier.stem_stride) == ("cpu64", None)
+    assert fast.classifier == replace(default.classifier, stem_stride=2)
+    assert fast.autoencoder == replace(default.autoencoder, preset="cpu64p")
+    assert replace(fast, classifier=default.classifier, autoencoder=default.autoencoder) == default
+    with pytest.raises(DiffexError, match="quick, default or fast"):
+        demo_preset("slow")

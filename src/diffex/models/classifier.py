@@ -30,9 +30,16 @@ class ClassifierConfig:
     blocks: tuple[int, ...] = (1, 1, 1, 1)
     dropout: float = 0.2
     preset: str = "small"
+    #: stride of the first convolution; None: 2 from 64 px up, else 1 (the rule before the
+    #: option, so configs saved without it load as they trained)
+    stem_stride: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.stem_stride is None:
+            self.stem_stride = 2 if self.image_size >= 64 else 1
+        if self.stem_stride not in (1, 2):
+            raise DiffexError(f"classifier stem_stride must be 1 or 2, got {self.stem_stride}")
         self.widths = tuple(int(w) for w in self.widths)
         self.blocks = tuple(int(b) for b in self.blocks)
         if len(self.widths) != len(self.blocks) or not self.widths:
@@ -45,7 +52,12 @@ class ClassifierConfig:
 
     @classmethod
     def from_preset(
-        cls, preset: str, in_channels: int, image_size: int, class_names: list[str]
+        cls,
+        preset: str,
+        in_channels: int,
+        image_size: int,
+        class_names: list[str],
+        stem_stride: int | None = None,
     ) -> ClassifierConfig:
         if preset not in CLASSIFIER_PRESETS:
             raise DiffexError(
@@ -53,7 +65,12 @@ class ClassifierConfig:
                 f"choose one of {', '.join(CLASSIFIER_PRESETS)}"
             )
         return cls(
-            in_channels, image_size, list(class_names), preset=preset, **CLASSIFIER_PRESETS[preset]
+            in_channels,
+            image_size,
+            list(class_names),
+            preset=preset,
+            stem_stride=stem_stride,
+            **CLASSIFIER_PRESETS[preset],
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,9 +120,7 @@ class ResNetClassifier(nn.Module):
         self.feature_dim = config.widths[-1]
         w0 = config.widths[0]
         self.stem = nn.Sequential(
-            nn.Conv2d(
-                config.in_channels, w0, 3, 2 if config.image_size >= 64 else 1, 1, bias=False
-            ),
+            nn.Conv2d(config.in_channels, w0, 3, config.stem_stride, 1, bias=False),
             nn.BatchNorm2d(w0),
             nn.ReLU(inplace=True),
         )
