@@ -70,17 +70,6 @@ ENCODER_PRESETS: dict[str, EncoderConfig] = {
         head_dim=32,
         groups=8,
     ),
-    "cpu64p": EncoderConfig(
-        image_size=64,
-        base_channels=64,
-        channel_mult=(1, 1, 2, 2),
-        num_res_blocks=1,
-        attn_resolutions=(),
-        out_dim=256,
-        head_dim=32,
-        groups=8,
-        patch_size=2,
-    ),
     "tiny": EncoderConfig(
         image_size=16,
         base_channels=8,
@@ -92,6 +81,10 @@ ENCODER_PRESETS: dict[str, EncoderConfig] = {
         groups=4,
     ),
 }
+# cpu64's encoder on 2 x 2 patches (the levels of the UNet's cpu64p).
+ENCODER_PRESETS["cpu64p"] = replace(
+    ENCODER_PRESETS["cpu64"], base_channels=64, channel_mult=(1, 1, 2, 2), patch_size=2
+)
 
 
 def encoder_preset(name: str, **overrides: Any) -> EncoderConfig:
