@@ -50,9 +50,9 @@ class DemoConfig:
 def demo_preset(name: str, seed: int = 0) -> DemoConfig:
     """``quick``: toy sizes for tests and CI (about a minute on 2 cores); ``default``: the CPU
     demo that shows the real effect; ``fast``: ``default`` on the patched autoencoder
-    (``cpu64p``) and a stride-2 classifier stem, about 2 times faster on a CPU, whose top
-    directions also dimmed the stain on the half of the sweep away from the target on the seeds
-    measured (BENCHMARKS: "Patched networks")."""
+    (``cpu64p``) and a stride-2 classifier stem, 15 to 17.5 minutes on 2 CPU cores, whose top
+    directions also dimmed the stain on the half of the sweep away from the target on seeds 0 to
+    2 (BENCHMARKS: "Patched networks")."""
     if name == "quick":
         return DemoConfig(
             n=240,
