@@ -6,8 +6,8 @@ Run: ``OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_unet_cpu.py [--preset cpu
 [--no-channels-last] [--bf16] [--compile] [--classifier] [--stem-stride 2] [--size PX]
 [--attn RES,...]``
 
-``--preset cpu64p`` times the demo's patched networks (2 x 2 pixel patches); ``--stem-stride 2``
-the demo's classifier (stride 2 in its first convolution).
+``--preset cpu64p`` times the patched networks of ``demo --preset fast`` (2 x 2 pixel patches);
+``--stem-stride 2`` its classifier (stride 2 in its first convolution).
 
 ``--size`` builds the networks (and the classifier) for another image size; ``--attn`` sets the
 UNet's attention resolutions (``--attn=`` for none besides the middle block).
@@ -153,8 +153,8 @@ def main() -> None:
     unet_ms, full_ms = time_step(
         unet, encoder, args.batch, args.repeats, channels_last, args.bf16, args.compile
     )
-    layout = "channels_last" if channels_last else "NCHW"
-    layout += (", bf16" if args.bf16 else ", fp32") + (", compiled" if args.compile else "")
+    memory = "channels_last" if channels_last else "NCHW"
+    layout = memory + (", bf16" if args.bf16 else ", fp32") + (", compiled" if args.compile else "")
     print(
         f"batch {args.batch}, {args.threads} threads, {layout}: UNet fwd+bwd {unet_ms:.0f} ms, "
         f"encoder+UNet fwd+bwd {full_ms:.0f} ms"
@@ -163,9 +163,8 @@ def main() -> None:
         size = args.size or 48
         ms = time_classifier(args.repeats, channels_last, size=size, stem_stride=args.stem_stride)
         stride = "" if args.stem_stride is None else f", stem stride {args.stem_stride}"
-        layout = "channels_last" if channels_last else "NCHW"
         print(
-            f"classifier (small, batch 64, {size} px{stride}) fp32 training step, {layout}: "
+            f"classifier (small, batch 64, {size} px{stride}) fp32 training step, {memory}: "
             f"{ms:.0f} ms"
         )
 

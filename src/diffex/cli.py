@@ -618,9 +618,9 @@ def _autoencoder_options(f: Any) -> Any:
             type=click.Choice(["tiny", "cpu64", "cpu64p", "paper128"]),
             default="cpu64",
             show_default=True,
-            help="Network size: cpu64 for CPUs; cpu64p is cpu64 on 2 x 2 pixel patches (the "
-            "demo's: about the same parameters, 2 times faster to train on a CPU); paper128 "
-            "is the authors' 128 px model.",
+            help="Network size: cpu64 for CPUs; cpu64p is cpu64 on 2 x 2 pixel patches (demo "
+            "--preset fast's: about the same parameters, 2 times faster to train on a CPU, but "
+            "its edits dimmed the stain more); paper128 is the authors' 128 px model.",
         ),
         click.option(
             "--steps", "ae_steps", type=int, default=2000, show_default=True, help="Training steps."
