@@ -181,3 +181,20 @@ def test_bad_attention_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     args = ["--device", "cpu", "train-autoencoder", "--run", str(tmp_path / "r")]
     code, err = run_cli([*args, "--attention", "16,eight"], capsys)
     assert_one_line_error(code, err, "--attention", "16,eight")
+
+
+def test_patched_preset_on_an_odd_image_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``train-autoencoder --preset cpu64p`` on a run whose images are 33 px (2 x 2 patches do
+    not tile them) fails with one line naming the patch and the size, before any training."""
+    data = make_blob_folder(tmp_path / "blobs", n_per_class=6, size=33)
+    run = tmp_path / "run"
+    args = ["--device", "cpu", "train-classifier", "--data", str(data), "--run", str(run)]
+    fast = [a if a != "32" else "33" for a in FAST_CLASSIFIER]
+    assert main([*args, *fast]) == 0
+    capsys.readouterr()
+    ae = ["--device", "cpu", "train-autoencoder", "--run", str(run), "--preset", "cpu64p"]
+    code, err = run_cli([*ae, "--steps", "1"], capsys)
+    assert_one_line_error(code, err, "patch", "33")
+    assert not (run / "autoencoder" / "model.safetensors").exists()

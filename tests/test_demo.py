@@ -43,6 +43,7 @@ def test_quick_demo_writes_every_stage(demo_run: Path) -> None:
         "report.html",
     ):
         assert (out / rel).is_file(), rel
+    assert read_json(out / "demo_summary.json")["preset"] == "quick"
     for stage in ("classifier", "autoencoder", "directions", "rank", "explain", "evaluate"):
         marker = read_json(out / ".stages" / f"{stage}.json")
         assert isinstance(marker["threads"], int) and marker["threads"] >= 1, stage
@@ -299,9 +300,9 @@ def test_explanations_record_their_imaging_drift(demo_run: Path) -> None:
 
 
 def test_demo_summary_prints_imaging_drift_only_where_there_is_one(capsys) -> None:
-    """The closing summary names the imaging measurements that follow alpha, and the frames
-    past the training data, under the direction they belong to, and prints nothing for a
-    direction without any."""
+    """The closing summary names the preset first, then the imaging measurements that follow
+    alpha and the frames past the training data under the direction they belong to, and prints
+    nothing for a direction without any."""
     from diffex.cli import _print_demo
 
     change = {"feature": "nucleus_area", "pct_change": 27.0, "fraction_of_gap": 0.9}
@@ -311,8 +312,9 @@ def test_demo_summary_prints_imaging_drift_only_where_there_is_one(capsys) -> No
         {"name": "rank1_dir0+", "top_changes": [change], "imaging_drift": drift, "past_data": past},
         {"name": "rank2_dir3+", "top_changes": [change], "imaging_drift": []},
     ]
-    _print_demo({"out": "runs/demo", "explain": {"items": items}})
+    _print_demo({"out": "runs/demo", "preset": "fast", "explain": {"items": items}})
     out = capsys.readouterr().out.splitlines()
+    assert out[0] == "preset: fast"
     at = out.index("  rank1_dir0+: nucleus_area +27 % (0.9 of gap)")
     assert out[at + 1] == f"    imaging follows alpha: {drift[0]}"
     assert out[at + 2] == f"    past the training data: {past[0]}"
@@ -343,6 +345,9 @@ def test_demo_options_reach_the_stage_configs(
     assert moved.autoencoder.axis_invariance == 0.03 and moved.autoencoder.z_norm
     assert all(getattr(moved, s).gain_margin == 0.1 for s in ("rank", "explain", "evaluate"))
     assert moved.directions == plain.directions and moved.classifier == plain.classifier
+    # the summary names the preset and what was changed on it
+    assert plain.preset == "quick"
+    assert moved.preset == "quick with --axis-invariance 0.03, --gain-margin 0.1, --z-norm"
     assert main([*base, "--axis-invariance", "-1"]) == 2
 
 
@@ -360,6 +365,8 @@ def test_fast_preset_is_the_default_on_patched_networks() -> None:
     assert (default.autoencoder.preset, default.classifier.stem_stride) == ("cpu64", None)
     assert fast.classifier == replace(default.classifier, stem_stride=2)
     assert fast.autoencoder == replace(default.autoencoder, preset="cpu64p")
-    assert replace(fast, classifier=default.classifier, autoencoder=default.autoencoder) == default
+    assert (fast.preset, default.preset) == ("fast", "default")
+    same = replace(fast, classifier=default.classifier, autoencoder=default.autoencoder)
+    assert replace(same, preset="default") == default
     with pytest.raises(DiffexError, match="quick, default or fast"):
         demo_preset("slow")

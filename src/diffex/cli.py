@@ -1342,6 +1342,19 @@ def demo(
         name = "demo" if data is None else (data.parent if data.suffix else data).name
         out = Path("runs") / (name or "data")
     cfg = demo_preset(preset, opts.seed)
+    changed = [
+        f"{flag} {value}"
+        for flag, value in (
+            ("--data", data),
+            ("--axis-invariance", axis_invariance),
+            ("--gain-margin", gain_margin),
+        )
+        if value is not None
+    ]
+    if z_norm is not None:
+        changed.append("--z-norm" if z_norm else "--no-z-norm")
+    if changed:
+        cfg = replace(cfg, preset=f"{preset} with {', '.join(changed)}")
     if data is not None:
         cfg = replace(cfg, data=str(data), external=spec, rank=replace(cfg.rank, target=target))
     if z_norm is not None:
@@ -1363,6 +1376,8 @@ def demo(
 
 
 def _print_demo(summary: dict[str, Any]) -> None:
+    if summary.get("preset"):
+        click.echo(f"preset: {summary['preset']}")
     c = summary.get("classifier", {})
     if c:
         click.echo(

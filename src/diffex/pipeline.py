@@ -45,6 +45,8 @@ class DemoConfig:
     data: str | None = None
     external: ExternalSpec | None = None
     stages: list[str] = field(default_factory=lambda: list(STAGES))
+    #: What the settings are, for the summary: a preset's name and any options changed on it.
+    preset: str = "custom"
 
 
 def demo_preset(name: str, seed: int = 0) -> DemoConfig:
@@ -87,6 +89,7 @@ def demo_preset(name: str, seed: int = 0) -> DemoConfig:
                 sensitivity_cells=32,
                 seed=seed,
             ),
+            preset="quick",
         )
     if name == "fast":
         base = demo_preset("default", seed)
@@ -94,6 +97,7 @@ def demo_preset(name: str, seed: int = 0) -> DemoConfig:
             base,
             classifier=replace(base.classifier, stem_stride=2),
             autoencoder=replace(base.autoencoder, preset="cpu64p"),
+            preset="fast",
         )
     if name == "default":
         return DemoConfig(
@@ -128,6 +132,7 @@ def demo_preset(name: str, seed: int = 0) -> DemoConfig:
             rank=RankConfig(ddim_steps=10, seed=seed),
             explain=ExplainConfig(seed=seed),
             evaluate=EvaluateConfig(seed=seed),
+            preset="default",
         )
     raise DiffexError(f"unknown demo preset {name!r}; choose quick, default or fast")
 
@@ -241,7 +246,7 @@ def run_demo(out: Path, cfg: DemoConfig, device: torch.device, seed: int = 0) ->
                 "threads": torch.get_num_threads(),  # results can depend on it (README)
             },
         )
-    summary = {"out": str(out.resolve()), "timings": timings, **results}
+    summary = {"out": str(out.resolve()), "preset": cfg.preset, "timings": timings, **results}
     write_json(out / "demo_summary.json", summary)
     if stale:
         warn(
