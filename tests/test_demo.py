@@ -9,6 +9,7 @@ import pytest
 
 from diffex.cli import main
 from diffex.explain.guard import flagged_frames
+from diffex.explain.support import past_frames
 from diffex.io.atomic import read_json
 
 FIGURES = (
@@ -114,6 +115,7 @@ def test_quick_demo_writes_every_stage(demo_run: Path) -> None:
         assert all(0.0 <= share <= 1.0 for share in item["past_data"])
         assert zero["past_data"] < 0.5  # the unedited held-out cells lie within the data
         assert evaluation["frame_flags"][item["name"]] == flagged_frames(checks)
+        assert evaluation["past_data"][item["name"]] == past_frames(checks)
 
 
 def test_rerun_skips_finished_stages(
@@ -282,7 +284,7 @@ def test_explanations_record_their_imaging_drift(demo_run: Path) -> None:
 
     items = read_json(demo_run / "explanations" / "summary.json")["items"]
     evaluation = read_json(demo_run / "evaluation.json")
-    assert items and evaluation["schema_version"] >= 4
+    assert items and evaluation["schema_version"] >= 5
     for item in items:
         assert item["imaging_drift"] == imaging_drift(item["morphology"])
         assert evaluation["imaging_drift"][item["name"]] == item["imaging_drift"]
@@ -292,8 +294,6 @@ def test_explanations_record_their_imaging_drift(demo_run: Path) -> None:
     assert {i["name"]: i["imaging_drift"] for i in shown} == {
         i["name"]: i["imaging_drift"] for i in items
     }
-    from diffex.explain.support import past_frames
-
     assert {i["name"]: i["past_data"] for i in shown} == {
         i["name"]: past_frames(i["frame_checks"]) for i in items
     }

@@ -32,6 +32,7 @@ from diffex.explain.guard import (
 from diffex.explain.latents import encode_cached
 from diffex.explain.methods import METHODS, REFERENCE, load_direction_set, method_folder
 from diffex.explain.rank import heldout_split, pick_other_classes, prober
+from diffex.explain.support import past_frames
 from diffex.io.atomic import read_json, write_json
 from diffex.log import info, track, warn
 from diffex.models.autoencoder import DiffusionAutoencoder
@@ -40,7 +41,8 @@ from diffex.runtime import check_gain_margin, check_precision
 from diffex.train.autoencoder import load_autoencoder
 from diffex.train.resume import file_digest
 
-SCHEMA_VERSION = 4  # 2: leakage_forward, worst_leak_forward; 3: frame_flags; 4: imaging_drift
+SCHEMA_VERSION = 5  # 2: leakage_forward, worst_leak_forward; 3: frame_flags; 4: imaging_drift;
+#: 5: past_data
 
 
 @dataclass
@@ -108,10 +110,12 @@ def _explained_items(root: Path) -> list[dict[str, Any]]:
 
 def _sweep_warnings(items: list[dict[str, Any]]) -> dict[str, dict[str, list[str]]]:
     """Per explained item, what its sweep warns of: ``frame_flags`` (the frames the artifact
-    guard flags) and ``imaging_drift`` (the imaging measurements that follow alpha)."""
+    guard flags), ``imaging_drift`` (the imaging measurements that follow alpha) and
+    ``past_data`` (the frames past the training data along the class axis)."""
     return {
         "frame_flags": {i["name"]: flagged_frames(i.get("frame_checks")) for i in items},
         "imaging_drift": {i["name"]: imaging_drift(i.get("morphology", [])) for i in items},
+        "past_data": {i["name"]: past_frames(i.get("frame_checks")) for i in items},
     }
 
 
