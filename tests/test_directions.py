@@ -212,3 +212,76 @@ def test_reverse_adds_the_penalty_of_the_opposite_edit() -> None:
     torch.testing.assert_close(penalty(trainer, 0.5), plus + 0.5 * minus)
     with pytest.raises(DiffexError, match="reverse"):
         DirectionTrainConfig(reverse=-1.0)
+
+
+def test_data_span_finds_the_few_dimensions_the_latents_fill() -> None:
+    """Latents in a 3-dimensional subspace of 16 (plus faint noise): the span that holds 0.999
+    of their variance is that subspace, as 3 orthonormal rows; share 1 keeps every axis."""
+    from diffex.models.directions import data_span
+
+    torch.manual_seed(0)
+    true = torch.linalg.qr(torch.randn(16, 3))[0].T  # (3, 16) orthonormal rows
+    zs = torch.randn(500, 3) * torch.tensor([5.0, 3.0, 2.0]) @ true + 1e-3 * torch.randn(500, 16)
+    basis = data_span(zs, 0.999)
+    assert basis.shape == (3, 16)
+    torch.testing.assert_close(basis @ basis.T, torch.eye(3), atol=1e-5, rtol=0)
+    # the true axes lie in the found span: projecting them loses (almost) nothing
+    assert float(((true @ basis.T) @ basis - true).norm()) < 1e-2
+    assert data_span(zs, 1.0).shape[0] == 16
+    with pytest.raises(DiffexError, match="share"):
+        data_span(zs, 0.0)
+
+
+@pytest.mark.parametrize("kind", ["nonlinear", "global"])
+def test_span_keeps_every_shift_in_the_span_and_is_saved(kind: str, tmp_path) -> None:
+    """With a span, every unit shift lies in it (and still has norm 1); the basis is saved with
+    the weights and loads back; sets on different spans are not joined."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(1)
+    basis = torch.linalg.qr(torch.randn(8, 2))[0].T.contiguous()  # (2, 8)
+    cfg = DirectionModelConfig(z_dim=8, k=3, kind=kind, hidden=16, span_rank=2)
+    models = DirectionModels(cfg).eval()
+    models.set_span(basis)
+    zs = torch.randn(5, 8)
+    units = models.units(zs)  # (K, N, D)
+    torch.testing.assert_close(units.norm(dim=-1), torch.ones(3, 5))
+    torch.testing.assert_close((units @ basis.T) @ basis, units, atol=1e-5, rtol=0)
+    free = DirectionModels(DirectionModelConfig(z_dim=8, k=3, kind=kind, hidden=16)).eval()
+    free.load_state_dict({k: v for k, v in models.state_dict().items() if k != "basis"})
+    fu = free.units(zs).detach()
+    assert float(((fu @ basis.T) @ basis - fu).norm()) > 0.1  # without the span: off it
+    save_file(models.state_dict(), str(tmp_path / "m.safetensors"))
+    again = DirectionModels(cfg).eval()
+    again.load_state_dict(load_file(str(tmp_path / "m.safetensors")))
+    torch.testing.assert_close(again.units(zs), units)
+    other = DirectionModels(cfg)
+    other.set_span(torch.linalg.qr(torch.randn(8, 2))[0].T.contiguous())
+    with pytest.raises(DiffexError, match="span"):
+        DirectionModels.concat([models, other])
+    with pytest.raises(DiffexError, match="span basis"):
+        models.set_span(torch.zeros(3, 8))
+
+
+def test_train_directions_with_a_span(demo_run, tmp_path) -> None:
+    """``train-directions --span`` on the quick demo's autoencoder: the saved editor keeps
+    every shift in the span it found and records its rank; a share out of range is one line."""
+    import shutil
+
+    from diffex.cli import main
+    from diffex.io.atomic import read_json
+    from diffex.train.directions import load_editor
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("directions", "cache"))
+    args = ["--device", "cpu", "train-directions", "--run", str(run), "--k", "2"]
+    args += ["--steps", "2", "--batch-size", "2", "--restarts", "1"]
+    assert main([*args, "--span", "0.99"]) == 0
+    rank = read_json(run / "directions" / "config.json")["model"]["span_rank"]
+    assert 1 <= rank < 16
+    editor = load_editor(run, torch.device("cpu"))
+    basis = editor.directions.basis
+    z = torch.randn(6, basis.shape[1]) * editor.space.std + editor.space.mean
+    units = editor.units(z)
+    torch.testing.assert_close((units @ basis.T) @ basis, units, atol=1e-4, rtol=0)
+    assert main([*args, "--span", "1.5"]) == 2

@@ -329,6 +329,11 @@ def _precision_option(help_text: str) -> Any:
     )
 
 
+SPAN_HELP = (
+    "Keep every edit within the principal axes holding this share of the training latents' "
+    "variance (0.999, say; unset: unconstrained). z_sem fills only a few of its dimensions, and "
+    'off them the decoder was never trained (BENCHMARKS.md, "Edits within the data\'s span").'
+)
 GAIN_MARGIN_HELP = (
     "Bound the UNet's z gains, per channel, to their range over the training images widened "
     "by this share of it on each side, so that edits far past the data do not extrapolate the "
@@ -883,6 +888,12 @@ def _print_autoencoder(metrics: dict[str, Any], run: Path) -> None:
     help="Also decode each edit at -alpha and add this weight times its invariance penalty "
     "(0 = off; doubles the decodes; measured on the demo, it weakens the edits).",
 )
+@click.option(
+    "--span",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=None,
+    help=SPAN_HELP,
+)
 @_precision_option(
     f"auto: the one-step decodes under bf16 autocast {_NATIVE_BF16}, else fp32; features and "
     "losses stay fp32."
@@ -1309,6 +1320,12 @@ def report(run: Path, out: Path | None) -> None:
     default=None,
     help=AXIS_INVARIANCE_HELP + "  [default: the preset's, 0]",
 )
+@click.option(
+    "--span",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=None,
+    help=SPAN_HELP + " The directions stage.",
+)
 @_external_options
 @pass_options
 def demo(
@@ -1321,6 +1338,7 @@ def demo(
     z_norm: bool | None,
     gain_margin: float | None,
     axis_invariance: float | None,
+    span: float | None,
     **kw: Any,
 ) -> None:
     """Run the whole pipeline and print where the results are.
@@ -1348,6 +1366,7 @@ def demo(
             ("--data", data),
             ("--axis-invariance", axis_invariance),
             ("--gain-margin", gain_margin),
+            ("--span", span),
         )
         if value is not None
     ]
@@ -1361,6 +1380,8 @@ def demo(
         cfg = replace(cfg, autoencoder=replace(cfg.autoencoder, z_norm=z_norm))
     if axis_invariance is not None:
         cfg = replace(cfg, autoencoder=replace(cfg.autoencoder, axis_invariance=axis_invariance))
+    if span is not None:
+        cfg = replace(cfg, directions=replace(cfg.directions, span=span))
     if gain_margin is not None:
         cfg = replace(
             cfg,

@@ -146,7 +146,8 @@ def _stage_marker(out: Path, stage: str) -> Path:
 #: and a classifier without ``stem_stride`` used the network's size rule (None);
 #: an autoencoder recorded without ``z_norm`` conditioned on raw z_sem, and without
 #: ``attention`` used the preset's; a directions stage recorded without ``restarts`` trained
-#: one set, in fp32, and without ``signs`` or ``reverse`` at +alpha only; rank, explain and
+#: one set, in fp32, without ``signs`` or ``reverse`` at +alpha only, and without ``span``
+#: unconstrained; rank, explain and
 #: evaluate recorded without ``precision`` decoded in fp32 and without ``gain_margin`` left the
 #: UNet's z gains unbounded.
 LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
@@ -158,7 +159,13 @@ LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
         "axis_invariance": 0.0,
         "axis_reach": 3.0,
     },
-    "directions": {"restarts": 1, "precision": "fp32", "signs": "plus", "reverse": 0.0},
+    "directions": {
+        "restarts": 1,
+        "precision": "fp32",
+        "signs": "plus",
+        "reverse": 0.0,
+        "span": None,
+    },
     **{
         stage: {"precision": "fp32", "gain_margin": None}
         for stage in ("rank", "explain", "evaluate")

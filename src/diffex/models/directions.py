@@ -9,7 +9,7 @@ the average difference between conditions.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -29,6 +29,9 @@ class DirectionModelConfig:
     k: int = 10
     kind: str = "nonlinear"
     hidden: int = 256
+    #: rank of the data span every shift is projected onto (0: unconstrained); the basis
+    #: (:func:`data_span`) is a buffer saved with the weights
+    span_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in DIRECTION_KINDS:
@@ -39,6 +42,8 @@ class DirectionModelConfig:
             raise DiffexError(f"number of directions must be >= 1, got {self.k}")
         if self.z_dim < 1 or self.hidden < 1:
             raise DiffexError("z_dim and hidden must be >= 1")
+        if not 0 <= self.span_rank <= self.z_dim:
+            raise DiffexError(f"span_rank must be in 0..{self.z_dim}, got {self.span_rank}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,6 +119,25 @@ class LatentSpace(nn.Module):
         return d / d.norm().clamp_min(1e-8)
 
 
+def data_span(zs: Tensor, share: float) -> Tensor:
+    """Orthonormal rows (r, D) spanning the principal axes of standardised latents ``zs``
+    (N, D) that hold ``share`` of their variance (the fewest that do, at least one).
+
+    The semantic encoder's latents fill only a few dimensions of z_sem, and the decoder's
+    weights never saw the others (no gradient reaches them), so a shift off this span changes
+    the images in ways no training image showed."""
+    if not 0.0 < share <= 1.0:
+        raise DiffexError(f"span share must be in (0, 1], got {share}")
+    if len(zs) < 2:
+        raise DiffexError("need at least two latents to find their span")
+    centred = (zs - zs.mean(0)).double()
+    _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+    var = s.square()
+    cum = torch.cumsum(var, 0) / var.sum().clamp_min(1e-12)
+    r = int(torch.searchsorted(cum, torch.tensor(share, dtype=cum.dtype)).item()) + 1
+    return vh[: min(r, len(var))].to(zs.dtype)
+
+
 class _MLP(nn.Module):
     """3-layer MLP with BatchNorm and ReLU (normalised over the whole batch of latents)."""
 
@@ -147,10 +171,22 @@ class DirectionModels(nn.Module):
             self.nets = nn.ModuleList(nn.Linear(d, d) for _ in range(k))
         else:
             self.nets = nn.ModuleList(_MLP(d, config.hidden) for _ in range(k))
+        if config.span_rank:
+            self.register_buffer("basis", torch.zeros(config.span_rank, d))
 
     @property
     def k(self) -> int:
         return self.config.k
+
+    def set_span(self, basis: Tensor) -> None:
+        """Use the orthonormal rows of ``basis`` (span_rank, D) as the span of every shift."""
+        if tuple(basis.shape) != (self.config.span_rank, self.config.z_dim):
+            raise DiffexError(
+                f"span basis of shape {tuple(basis.shape)} for span_rank "
+                f"{self.config.span_rank} and z_dim {self.config.z_dim}"
+            )
+        with torch.no_grad():
+            self.basis.copy_(basis)
 
     @classmethod
     def concat(cls, sets: list[DirectionModels]) -> DirectionModels:
@@ -158,16 +194,18 @@ class DirectionModels(nn.Module):
         direction r * K + j); the sets must share their architecture."""
         first = sets[0].config
         if any(
-            (m.config.z_dim, m.config.kind, m.config.hidden)
-            != (first.z_dim, first.kind, first.hidden)
+            (m.config.z_dim, m.config.kind, m.config.hidden, m.config.span_rank)
+            != (first.z_dim, first.kind, first.hidden, first.span_rank)
             for m in sets
         ):
             raise DiffexError("direction sets of different architectures cannot be joined")
-        cfg = DirectionModelConfig(
-            z_dim=first.z_dim, k=sum(m.k for m in sets), kind=first.kind, hidden=first.hidden
-        )
+        cfg = replace(first, k=sum(m.k for m in sets))
         joined = cls(cfg).to(next(sets[0].parameters()).device)
         with torch.no_grad():
+            if cfg.span_rank:
+                if any(not torch.equal(m.basis, sets[0].basis) for m in sets):
+                    raise DiffexError("direction sets on different data spans cannot be joined")
+                joined.basis.copy_(sets[0].basis)
             if cfg.kind == "global":
                 joined.vectors.copy_(torch.cat([m.vectors for m in sets]))
             else:
@@ -183,8 +221,12 @@ class DirectionModels(nn.Module):
         return self.nets[k](zs)
 
     def unit(self, zs: Tensor, k: int) -> Tensor:
-        """Unit-norm shift direction of model k at each latent (N, D)."""
-        return F.normalize(self.raw(zs, k), dim=1, eps=1e-8)
+        """Unit-norm shift direction of model k at each latent (N, D), within the data span
+        when there is one."""
+        v = self.raw(zs, k)
+        if self.config.span_rank:
+            v = (v @ self.basis.T) @ self.basis
+        return F.normalize(v, dim=1, eps=1e-8)
 
     def units(self, zs: Tensor) -> Tensor:
         """All K unit shifts, shape (K, N, D)."""

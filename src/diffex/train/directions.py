@@ -29,6 +29,7 @@ from diffex.models.directions import (
     DirectionModels,
     LatentEditor,
     LatentSpace,
+    data_span,
 )
 from diffex.models.nuisance import invariance_penalty, natural_spread
 from diffex.models.nuisance import names as nuisance_names
@@ -63,7 +64,12 @@ class DirectionTrainConfig:
 
     ``reverse``: also decode every edit at -alpha and add its invariance penalty, weighted by
     ``reverse`` relative to the +alpha edit's (0 = off; it costs a second one-step decode of
-    every edit). The contrast still sees the +alpha edits only."""
+    every edit). The contrast still sees the +alpha edits only.
+
+    ``span``: keep every shift within the principal axes that hold this share of the training
+    latents' variance in standardised z (:func:`diffex.models.directions.data_span`; None =
+    unconstrained). z_sem fills a few of its dimensions, and off them the decoder was never
+    trained."""
 
     k: int = 10
     restarts: int = 2
@@ -84,9 +90,12 @@ class DirectionTrainConfig:
     precision: str = "auto"
     signs: str = "plus"
     reverse: float = 0.0
+    span: float | None = None
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        if self.span is not None and not 0.0 < self.span <= 1.0:
+            raise DiffexError(f"span must be a share of variance in (0, 1], got {self.span}")
         if self.signs not in SIGNS:
             raise DiffexError(f"signs {self.signs!r} must be one of {', '.join(SIGNS)}")
         if self.objective not in OBJECTIVES:
@@ -230,7 +239,19 @@ def train_directions(
     held = load_split(plan, "val")
     n_eval = min(cfg.eval_images, len(held.y))
     z_held, x_held = semantic_latents(ae, held.x[:n_eval]), held.x[:n_eval]
-    dcfg = DirectionModelConfig(z_dim=z_dim, k=cfg.k, kind=cfg.kind, hidden=cfg.hidden)
+    basis = None if cfg.span is None else data_span(space.standardise(z_train), cfg.span)
+    if basis is not None:
+        info(
+            f"directions: shifts kept in the data's span: {len(basis)} of {z_dim} dimensions "
+            f"hold {cfg.span:.4g} of the latents' variance"
+        )
+    dcfg = DirectionModelConfig(
+        z_dim=z_dim,
+        k=cfg.k,
+        kind=cfg.kind,
+        hidden=cfg.hidden,
+        span_rank=0 if basis is None else len(basis),
+    )
     upstream = weights_digest(rd, "autoencoder")
     precision = "fp32" if cfg.objective == "paper" else resolve_precision(cfg.precision, device)
     bf16 = precision == "bf16"
@@ -241,7 +262,10 @@ def train_directions(
         """One set of K directions from its own random start."""
         seed = restart_seed(cfg.seed, restart)
         torch.manual_seed(seed)
-        trainer = DirectionTrainer(LatentEditor(space, DirectionModels(dcfg)), cfg.objective, z_dim)
+        models = DirectionModels(dcfg)
+        if basis is not None:
+            models.set_span(basis)
+        trainer = DirectionTrainer(LatentEditor(space, models), cfg.objective, z_dim)
         trainer.to(device)
         gen = torch.Generator().manual_seed(seed + 7)
         batches = iter(EpochSampler(len(z_train), cfg.batch_size, seed))
