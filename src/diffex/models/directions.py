@@ -123,9 +123,10 @@ def data_span(zs: Tensor, share: float) -> Tensor:
     """Orthonormal rows (r, D) spanning the principal axes of standardised latents ``zs``
     (N, D) that hold ``share`` of their variance (the fewest that do, at least one).
 
-    The semantic encoder's latents fill only a few dimensions of z_sem, and the decoder's
-    weights never saw the others (no gradient reaches them), so a shift off this span changes
-    the images in ways no training image showed."""
+    The semantic encoder's latents fill only a few dimensions of z_sem (on the demo about 5
+    of 256 hold 99.9 % of the variance), and the decoder's weights learn only as much about a
+    direction as the latents vary along it, so a shift off this span changes the images in
+    ways no training image showed."""
     if not 0.0 < share <= 1.0:
         raise DiffexError(f"span share must be in (0, 1], got {share}")
     if len(zs) < 2:

@@ -68,7 +68,7 @@ class DirectionTrainConfig:
 
     ``span``: keep every shift within the principal axes that hold this share of the training
     latents' variance in standardised z (:func:`diffex.models.directions.data_span`; None =
-    unconstrained). z_sem fills a few of its dimensions, and off them the decoder was never
+    unconstrained). z_sem fills a few of its dimensions, and off them the decoder was hardly
     trained."""
 
     k: int = 10
