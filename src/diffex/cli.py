@@ -332,7 +332,7 @@ def _precision_option(help_text: str) -> Any:
 SPAN_HELP = (
     "Keep every edit within the principal axes holding this share of the training latents' "
     "variance (0.999, say; unset: unconstrained). z_sem fills only a few of its dimensions, and "
-    'off them the decoder was hardly trained (BENCHMARKS.md, "Edits within the data\'s span").'
+    'off them the decoder was hardly trained (BENCHMARKS.md, "The default on a Xeon host").'
 )
 GAIN_MARGIN_HELP = (
     "Bound the UNet's z gains, per channel, to their range over the training images widened "
