@@ -41,8 +41,8 @@ from diffex.runtime import check_gain_margin, check_precision
 from diffex.train.autoencoder import load_autoencoder
 from diffex.train.resume import file_digest
 
-SCHEMA_VERSION = 5  # 2: leakage_forward, worst_leak_forward; 3: frame_flags; 4: imaging_drift;
-#: 5: past_data
+#: 2: leakage_forward, worst_leak_forward; 3: frame_flags; 4: imaging_drift; 5: past_data
+SCHEMA_VERSION = 5
 
 
 @dataclass

@@ -194,11 +194,7 @@ class DirectionModels(nn.Module):
         """One model holding every set's directions in order (set r's direction j becomes
         direction r * K + j); the sets must share their architecture."""
         first = sets[0].config
-        if any(
-            (m.config.z_dim, m.config.kind, m.config.hidden, m.config.span_rank)
-            != (first.z_dim, first.kind, first.hidden, first.span_rank)
-            for m in sets
-        ):
+        if any(replace(m.config, k=first.k) != first for m in sets):
             raise DiffexError("direction sets of different architectures cannot be joined")
         cfg = replace(first, k=sum(m.k for m in sets))
         joined = cls(cfg).to(next(sets[0].parameters()).device)
