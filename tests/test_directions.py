@@ -285,3 +285,54 @@ def test_train_directions_with_a_span(demo_run, tmp_path) -> None:
     units = editor.units(z)
     torch.testing.assert_close((units @ basis.T) @ basis, units, atol=1e-4, rtol=0)
     assert main([*args, "--span", "1.5"]) == 2
+
+
+def test_hold_area_auto_holds_the_area_only_where_the_classes_share_it() -> None:
+    """``auto`` holds the outlined area when the classes' cells are the same size and leaves it
+    free when size is what tells them apart; ``on`` without an actin channel is one error."""
+    from types import SimpleNamespace
+
+    from test_nuisance import disk
+
+    from diffex.train.directions import held_area_channel
+
+    def split(radii: list[float]) -> SimpleNamespace:
+        x = torch.cat([disk(r, 0.6) for r in radii])
+        return SimpleNamespace(x=x, y=torch.tensor([0, 1] * (len(radii) // 2)))
+
+    plan = SimpleNamespace(measure_channels={"nucleus": 0, "actin": 1})
+    same = split([6, 6.5, 7, 7.5, 8, 8.5, 8.5, 8, 7.5, 7, 6.5, 6])
+    channel, sep = held_area_channel("auto", plan, same)
+    assert channel == 1 and sep is not None and sep < 0.2
+    grown = split([6, 9, 6.5, 9.5, 7, 10, 6, 9, 6.5, 9.5, 7, 10])
+    channel, sep = held_area_channel("auto", plan, grown)
+    assert channel is None and sep is not None and sep > 2
+    assert held_area_channel("on", plan, grown)[0] == 1
+    assert held_area_channel("off", plan, same) == (None, None)
+    no_actin = SimpleNamespace(measure_channels={"nucleus": 0})
+    assert held_area_channel("auto", no_actin, same) == (None, None)
+    with pytest.raises(DiffexError, match="actin role"):
+        held_area_channel("on", no_actin, same)
+    with pytest.raises(DiffexError, match="hold_area"):
+        DirectionTrainConfig(hold_area="sometimes")
+
+
+def test_train_directions_holding_the_area(demo_run, tmp_path) -> None:
+    """``train-directions --hold-area on`` on the quick demo: the penalty's statistics name the
+    outlined area with its natural sd, and the classes' separation in it is recorded."""
+    import shutil
+
+    from diffex.cli import main
+    from diffex.io.atomic import read_json
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("directions", "cache"))
+    args = ["--device", "cpu", "train-directions", "--run", str(run), "--k", "2"]
+    args += ["--steps", "2", "--batch-size", "2", "--restarts", "1", "--hold-area", "on"]
+    assert main(args) == 0
+    metrics = read_json(run / "directions" / "metrics.json")
+    assert list(metrics["invariance_spread"])[-1] == "object_area"
+    assert metrics["invariance_spread"]["object_area"] > 0
+    assert metrics["area_separation"] >= 0
+    assert read_json(run / "directions" / "config.json")["train"]["hold_area"] == "on"
+    assert main([*args[:-1], "sometimes"]) == 2

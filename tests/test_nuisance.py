@@ -7,8 +7,11 @@ import torch
 
 from diffex.models.nuisance import (
     background_mask,
+    class_separation,
     invariance_penalty,
+    names,
     natural_spread,
+    object_area,
     statistics,
 )
 
@@ -98,3 +101,50 @@ def test_nucleus_gain_is_the_plateau_not_the_brightest_foci() -> None:
     mask = background_mask(base)
     assert float(statistics(base, mask, 0)[0, 3]) == pytest.approx((44 * 0.5 + 20 * 0.7) / 64)
     assert float(statistics(grown, mask, 0)[0, 3]) == pytest.approx((80 * 0.4 + 20 * 0.7) / 100)
+
+
+def disk(radius: float, level: float, size: int = 32) -> torch.Tensor:
+    """(1, 3, size, size) image in [-1, 1]: background 0.1 and, in channel 1, a centred disk of
+    ``radius`` px at ``level`` (channels 0 and 2 a fixed small square)."""
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    inside = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) <= radius**2
+    u = torch.full((1, 3, size, size), 0.1)
+    u[0, 1][inside] = level
+    u[:, 0::2, 14:18, 14:18] = 0.7
+    return u * 2 - 1
+
+
+def test_object_area_is_the_outlined_share_whatever_the_intensity() -> None:
+    """The outlined area is the object's share of the frame (soft, so a little off the pixel
+    count), does not move when the channel dims as a whole, and shrinks with the object."""
+    base = disk(8, 0.6)
+    mask = background_mask(base)
+    assert names(0, 1) == ("background", "centroid_x", "centroid_y", "nucleus_gain", "object_area")
+    stats = statistics(base, mask, gain_channel=0, area_channel=1)[0]
+    assert stats.shape == (5,)
+    pixels = float(((base[0, 1] + 1) / 2 > 0.3).float().mean())
+    assert float(stats[4]) == pytest.approx(pixels, rel=0.05)
+    dimmer = statistics(disk(8, 0.3), mask, 0, 1)[0, 4]
+    assert float(dimmer) == pytest.approx(float(stats[4]), rel=1e-4)
+    smaller = statistics(disk(6, 0.6), mask, 0, 1)[0, 4]
+    assert float(smaller) == pytest.approx(float(stats[4]) * 36 / 64, rel=0.1)
+    # the penalty prices the shrinking in its own sd and has a gradient
+    edited = disk(6, 0.6).requires_grad_(True)
+    spread = torch.tensor([1.0, 1.0, 1.0, 1.0, float(stats[4] - smaller)])
+    pen = invariance_penalty(edited, base, spread, 0, 1)
+    assert float(pen.detach()) == pytest.approx(1.0, rel=0.05)
+    pen.backward()
+    assert edited.grad is not None and float(edited.grad.abs().sum()) > 0
+    u = (base[:, 1] + 1) / 2
+    assert object_area(u, torch.full((1,), 0.1)).shape == (1,)
+
+
+def test_class_separation_is_the_largest_mean_difference_in_pooled_sds() -> None:
+    values = torch.tensor([[0.0, 5.0], [2.0, 5.0], [4.0, 7.0], [6.0, 7.0], [1.0, 1.0], [3.0, 3.0]])
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    sep = class_separation(values, y)
+    # column 0: means 1, 5, 2 with within-class variance 2 each: (5 - 1) / sqrt(2)
+    assert float(sep[0]) == pytest.approx(4 / 2**0.5, rel=1e-5)
+    # column 1: means 5, 7, 2, variances 0, 0, 2: pooled sd sqrt(2 / 3)
+    assert float(sep[1]) == pytest.approx(5 / (2 / 3) ** 0.5, rel=1e-5)
+    assert float(class_separation(values, torch.zeros(6, dtype=torch.long))[0]) == 0.0

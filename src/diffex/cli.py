@@ -334,6 +334,11 @@ SPAN_HELP = (
     "variance (0.999, say; unset: unconstrained). z_sem fills only a few of its dimensions, and "
     'off them the decoder was hardly trained (BENCHMARKS.md, "The default on a Xeon host").'
 )
+HOLD_AREA_HELP = (
+    "Also hold the cell area the actin channel outlines in the invariance penalty: on, off, "
+    "or auto (only where the real classes do not differ in it, so that a phenotype of cell "
+    "size stays findable)."
+)
 GAIN_MARGIN_HELP = (
     "Bound the UNet's z gains, per channel, to their range over the training images widened "
     "by this share of it on each side, so that edits far past the data do not extrapolate the "
@@ -894,6 +899,13 @@ def _print_autoencoder(metrics: dict[str, Any], run: Path) -> None:
     default=None,
     help=SPAN_HELP,
 )
+@click.option(
+    "--hold-area",
+    type=click.Choice(["auto", "on", "off"]),  # train.directions.HOLD_AREA
+    default="off",
+    show_default=True,
+    help=HOLD_AREA_HELP,
+)
 @_precision_option(
     f"auto: the one-step decodes under bf16 autocast {_NATIVE_BF16}, else fp32; features and "
     "losses stay fp32."
@@ -1326,6 +1338,12 @@ def report(run: Path, out: Path | None) -> None:
     default=None,
     help=SPAN_HELP + " The directions stage.",
 )
+@click.option(
+    "--hold-area",
+    type=click.Choice(["auto", "on", "off"]),
+    default=None,
+    help=HOLD_AREA_HELP + " The directions stage [default: the preset's].",
+)
 @_external_options
 @pass_options
 def demo(
@@ -1339,6 +1357,7 @@ def demo(
     gain_margin: float | None,
     axis_invariance: float | None,
     span: float | None,
+    hold_area: str | None,
     **kw: Any,
 ) -> None:
     """Run the whole pipeline and print where the results are.
@@ -1367,6 +1386,7 @@ def demo(
             ("--axis-invariance", axis_invariance),
             ("--gain-margin", gain_margin),
             ("--span", span),
+            ("--hold-area", hold_area),
         )
         if value is not None
     ]
@@ -1382,6 +1402,8 @@ def demo(
         cfg = replace(cfg, autoencoder=replace(cfg.autoencoder, axis_invariance=axis_invariance))
     if span is not None:
         cfg = replace(cfg, directions=replace(cfg.directions, span=span))
+    if hold_area is not None:
+        cfg = replace(cfg, directions=replace(cfg.directions, hold_area=hold_area))
     if gain_margin is not None:
         cfg = replace(
             cfg,

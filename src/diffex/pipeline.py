@@ -146,8 +146,8 @@ def _stage_marker(out: Path, stage: str) -> Path:
 #: and a classifier without ``stem_stride`` used the network's size rule (None);
 #: an autoencoder recorded without ``z_norm`` conditioned on raw z_sem, and without
 #: ``attention`` used the preset's; a directions stage recorded without ``restarts`` trained
-#: one set, in fp32, without ``signs`` or ``reverse`` at +alpha only, and without ``span``
-#: unconstrained; rank, explain and
+#: one set, in fp32, without ``signs`` or ``reverse`` at +alpha only, without ``span``
+#: unconstrained and without ``hold_area`` holding no area; rank, explain and
 #: evaluate recorded without ``precision`` decoded in fp32 and without ``gain_margin`` left the
 #: UNet's z gains unbounded.
 LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
@@ -165,6 +165,7 @@ LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
         "signs": "plus",
         "reverse": 0.0,
         "span": None,
+        "hold_area": "off",
     },
     **{
         stage: {"precision": "fp32", "gain_margin": None}

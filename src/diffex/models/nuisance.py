@@ -15,6 +15,12 @@ and are differentiable, so that the direction objective can penalise edits that 
   intensities by it, so an edit that brightens the nucleus would be read as, for example, less
   actin. The plateau, not the peak, is held: an edit can otherwise keep the few brightest
   pixels (chromocentres) and dim the rest of a growing nucleus.
+- ``object_area`` (only with an area channel, the one that outlines the cell): the share of the
+  frame above ``AREA_LEVEL`` of the way from that channel's background to its plateau (as
+  ``nucleus_gain`` reads a plateau), through a sigmoid as wide as ``AREA_SOFTNESS`` of that
+  height. A uniform change of the channel's intensity leaves it unchanged; an edit that fades
+  or grows the outline does not. Unlike the others it can be the phenotype, so the directions
+  stage holds it only where the real classes do not differ in it (:func:`class_separation`).
 
 The background pixels are those of a *reference* image (the unedited one): the darkest
 ``BACKGROUND_SHARE`` of its pixels by smoothed channel mean, so that an edit is measured where
@@ -33,11 +39,18 @@ BACKGROUND_SHARE = 0.4
 #: Share of the nucleus channel's pixels (the brightest) whose mean is its peak; the gain is the
 #: mean of the pixels above half that peak.
 GAIN_SHARE = 0.02
+#: Where the object's outline sits between background (0) and plateau (1), as
+#: ``diffex.data.measure`` segments a cell (0.4), and the sigmoid's width on the same scale.
+AREA_LEVEL = 0.4
+AREA_SOFTNESS = 0.05
 
 
-def names(gain_channel: int | None = None) -> tuple[str, ...]:
-    """The statistics measured, in order: ``NAMES`` plus ``nucleus_gain`` with a gain channel."""
-    return NAMES if gain_channel is None else (*NAMES, "nucleus_gain")
+def names(gain_channel: int | None = None, area_channel: int | None = None) -> tuple[str, ...]:
+    """The statistics measured, in order: ``NAMES``, then ``nucleus_gain`` with a gain channel
+    and ``object_area`` with an area channel."""
+    gain = () if gain_channel is None else ("nucleus_gain",)
+    area = () if area_channel is None else ("object_area",)
+    return (*NAMES, *gain, *area)
 
 
 def background_mask(x: Tensor, share: float = BACKGROUND_SHARE) -> Tensor:
@@ -51,9 +64,11 @@ def background_mask(x: Tensor, share: float = BACKGROUND_SHARE) -> Tensor:
         return (m <= cut[:, None, None, None]).float()
 
 
-def statistics(x: Tensor, mask: Tensor, gain_channel: int | None = None) -> Tensor:
-    """(N, S): the statistics of ``names(gain_channel)`` (see module doc) of images ``x`` in
-    [-1, 1], with the background pixels given by ``mask`` (N, 1, H, W)."""
+def statistics(
+    x: Tensor, mask: Tensor, gain_channel: int | None = None, area_channel: int | None = None
+) -> Tensor:
+    """(N, S): the statistics of ``names(gain_channel, area_channel)`` (see module doc) of
+    images ``x`` in [-1, 1], with the background pixels given by ``mask`` (N, 1, H, W)."""
     u = (x.float() + 1.0) / 2.0
     n, _, h, w = u.shape
     area = mask.sum((1, 2, 3)).clamp_min(1.0)
@@ -68,7 +83,30 @@ def statistics(x: Tensor, mask: Tensor, gain_channel: int | None = None) -> Tens
     stats = [bg, cx, cy]
     if gain_channel is not None:
         stats.append(nucleus_plateau(u[:, gain_channel], bg_c[:, gain_channel]))
+    if area_channel is not None:
+        stats.append(object_area(u[:, area_channel], bg_c[:, area_channel]))
     return torch.stack(stats, 1)
+
+
+def object_area(u: Tensor, bg: Tensor) -> Tensor:
+    """(N,) soft share of the frame that the object of ``u`` (N, H, W) covers, above its
+    background ``bg`` (N,): see ``object_area`` in the module doc. The outline's level moves with
+    the plateau (with gradient), so only a change of the object's shape changes it."""
+    above = u.flatten(1) - bg[:, None]
+    height = nucleus_plateau(u, bg).clamp_min(1e-3)[:, None]
+    return torch.sigmoid((above - AREA_LEVEL * height) / (AREA_SOFTNESS * height)).mean(1)
+
+
+def class_separation(values: Tensor, y: Tensor) -> Tensor:
+    """(S,) largest difference between two classes' means of each column of ``values`` (N, S),
+    in pooled within-class sds (labels ``y`` (N,)); 0 with fewer than two classes."""
+    classes = [c for c in torch.unique(y) if int((y == c).sum()) >= 2]
+    if len(classes) < 2:
+        return torch.zeros(values.shape[1])
+    v = values.double()
+    means = torch.stack([v[y == c].mean(0) for c in classes])
+    pooled = torch.stack([v[y == c].var(0) for c in classes]).mean(0).sqrt().clamp_min(1e-12)
+    return ((means[:, None] - means[None]).abs().amax((0, 1)) / pooled).float()
 
 
 def nucleus_plateau(u: Tensor, bg: Tensor) -> Tensor:
@@ -81,19 +119,38 @@ def nucleus_plateau(u: Tensor, bg: Tensor) -> Tensor:
     return (above * inside).sum(1) / inside.sum(1).clamp_min(1.0)
 
 
-def natural_spread(x: Tensor, gain_channel: int | None = None, batch_size: int = 256) -> Tensor:
-    """(S,) sd of each statistic over real images ``x`` (each measured on its own background):
-    the scale a change is measured against."""
+def real_statistics(
+    x: Tensor,
+    gain_channel: int | None = None,
+    batch_size: int = 256,
+    area_channel: int | None = None,
+) -> Tensor:
+    """(N, S) statistics of real images ``x``, each measured on its own background."""
     rows = []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
             xb = x[i : i + batch_size]
-            rows.append(statistics(xb, background_mask(xb), gain_channel))
-    return torch.cat(rows).std(0).clamp_min(1e-6)
+            rows.append(statistics(xb, background_mask(xb), gain_channel, area_channel))
+    return torch.cat(rows)
+
+
+def natural_spread(
+    x: Tensor,
+    gain_channel: int | None = None,
+    batch_size: int = 256,
+    area_channel: int | None = None,
+) -> Tensor:
+    """(S,) sd of each statistic over real images ``x`` (each measured on its own background):
+    the scale a change is measured against."""
+    return real_statistics(x, gain_channel, batch_size, area_channel).std(0).clamp_min(1e-6)
 
 
 def invariance_penalty(
-    edited: Tensor, base: Tensor, spread: Tensor, gain_channel: int | None = None
+    edited: Tensor,
+    base: Tensor,
+    spread: Tensor,
+    gain_channel: int | None = None,
+    area_channel: int | None = None,
 ) -> Tensor:
     """Mean over edits of the summed squared change of the statistics, in natural sds.
 
@@ -104,7 +161,7 @@ def invariance_penalty(
     r = len(edited) // len(base)
     mask = background_mask(base)
     with torch.no_grad():
-        ref = statistics(base, mask, gain_channel)
-    moved = statistics(edited, mask.repeat(r, 1, 1, 1), gain_channel)
+        ref = statistics(base, mask, gain_channel, area_channel)
+    moved = statistics(edited, mask.repeat(r, 1, 1, 1), gain_channel, area_channel)
     change = (moved - ref.repeat(r, 1)) / spread.to(moved)
     return (change**2).sum(1).mean()

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from diffex.config import build
-from diffex.data.loading import load_split
+from diffex.data.loading import DataPlan, SplitData, load_split
 from diffex.diffusion import q_sample
 from diffex.errors import DiffexError
 from diffex.io.atomic import write_json
@@ -31,7 +31,7 @@ from diffex.models.directions import (
     LatentSpace,
     data_span,
 )
-from diffex.models.nuisance import invariance_penalty, natural_spread
+from diffex.models.nuisance import class_separation, invariance_penalty, real_statistics
 from diffex.models.nuisance import names as nuisance_names
 from diffex.report.plots import training_curve
 from diffex.rundir import RunDir
@@ -42,6 +42,11 @@ from diffex.train.resume import stage_resume, weights_digest
 
 #: Which signs of alpha the directions are trained at (see DirectionTrainConfig).
 SIGNS: tuple[str, ...] = ("plus", "both")
+#: Whether the invariance penalty holds the cell's outlined area (see DirectionTrainConfig).
+HOLD_AREA: tuple[str, ...] = ("auto", "on", "off")
+#: ``hold_area auto`` holds the area when no two classes' means of it differ by this many
+#: pooled within-class sds on the training images.
+HOLD_MAX_SEPARATION = 0.2
 
 
 @dataclass
@@ -69,7 +74,13 @@ class DirectionTrainConfig:
     ``span``: keep every shift within the principal axes that hold this share of the training
     latents' variance in standardised z (:func:`diffex.models.directions.data_span`; None =
     unconstrained). z_sem fills a few of its dimensions, and off them the decoder was hardly
-    trained."""
+    trained.
+
+    ``hold_area``: add the area the actin channel outlines (``object_area``,
+    :mod:`diffex.models.nuisance`) to the statistics the invariance penalty holds: ``on``,
+    ``off``, or ``auto``: only when the real classes do not differ in it (by less than
+    ``HOLD_MAX_SEPARATION`` pooled sds), so that a phenotype that is the cell's size stays
+    findable. Needs a channel with the actin role; ``auto`` skips it without one."""
 
     k: int = 10
     restarts: int = 2
@@ -91,9 +102,12 @@ class DirectionTrainConfig:
     signs: str = "plus"
     reverse: float = 0.0
     span: float | None = None
+    hold_area: str = "off"
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        if self.hold_area not in HOLD_AREA:
+            raise DiffexError(f"hold_area {self.hold_area!r} must be one of {', '.join(HOLD_AREA)}")
         if self.span is not None and not 0.0 < self.span <= 1.0:
             raise DiffexError(f"span must be a share of variance in (0, 1], got {self.span}")
         if self.signs not in SIGNS:
@@ -156,6 +170,7 @@ def edit_features(
     bf16: bool = False,
     both_signs: bool = False,
     reverse: float = 0.0,
+    area_channel: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Contrastive features of all K edits of a batch: (features (K*B, F), labels, units,
     invariance penalty). The penalty (:func:`diffex.models.nuisance.invariance_penalty` of the
@@ -166,7 +181,8 @@ def edit_features(
     edit and its base are the contrast) and all else stay fp32. ``both_signs`` edits each image
     at +alpha or -alpha (drawn from ``generator``) and multiplies its feature changes by the
     sign, so that both halves of a direction count as the same direction. ``reverse`` > 0 adds
-    ``reverse`` times the penalty of the same edits decoded at the opposite sign."""
+    ``reverse`` times the penalty of the same edits decoded at the opposite sign;
+    ``area_channel`` (the actin channel, or None) adds the area it outlines to the statistics."""
     editor = trainer.editor
     space, dirs = editor.space, editor.directions
     zs = space.standardise(z)
@@ -198,16 +214,42 @@ def edit_features(
     feats = (phi(x0_edit).float() - base.repeat(k, 1)) * row_sign
     if spread is None:
         return feats, labels, units, None
-    penalty = invariance_penalty(x0_edit, x0_base, spread, gain_channel)
+    penalty = invariance_penalty(x0_edit, x0_base, spread, gain_channel, area_channel)
     if reverse > 0:
         z_opp = space.unstandardise((zs[None] - step).reshape(k * b, -1))
         x0_opp = one_step_x0(ae, x_t_rep, t_rep, z_opp, bf16)
-        penalty = penalty + reverse * invariance_penalty(x0_opp, x0_base, spread, gain_channel)
+        penalty = penalty + reverse * invariance_penalty(
+            x0_opp, x0_base, spread, gain_channel, area_channel
+        )
     return feats, labels, units, penalty
 
 
 #: seed offset between restarts: restart r trains with ``seed + RESTART_SEED_STEP * r``
 RESTART_SEED_STEP = 100
+
+
+def held_area_channel(
+    hold_area: str, plan: DataPlan, train: SplitData
+) -> tuple[int | None, float | None]:
+    """The channel whose outlined area the penalty holds (None: not held) and, where ``auto``
+    measured it, the classes' separation in that area on the training images."""
+    channel = plan.measure_channels.get("actin")
+    if hold_area == "off":
+        return None, None
+    if channel is None:
+        if hold_area == "on":
+            raise DiffexError("hold_area on needs a channel with the actin role (none here)")
+        return None, None
+    values = real_statistics(train.x, area_channel=channel)[:, -1:]
+    separation = float(class_separation(values, torch.as_tensor(train.y))[0])
+    if hold_area == "on" or separation < HOLD_MAX_SEPARATION:
+        info(f"directions: holding the outlined cell area (classes differ by {separation:.2f} sd)")
+        return channel, separation
+    info(
+        f"directions: not holding the outlined cell area: the classes differ by "
+        f"{separation:.2f} sd in it (>= {HOLD_MAX_SEPARATION})"
+    )
+    return None, separation
 
 
 def restart_seed(seed: int, restart: int) -> int:
@@ -231,11 +273,14 @@ def train_directions(
     info(f"directions: class gap in standardised z = {float(space.gap):.2f} (alpha unit)")
     spread = None
     gain_channel = plan.measure_channels.get("nucleus")
-    stat_names = nuisance_names(gain_channel)
+    area_channel, area_separation = None, None
     if cfg.invariance > 0 and cfg.objective != "paper":
-        spread = natural_spread(train.x, gain_channel).to(device)
-        sds = zip(stat_names, spread.tolist(), strict=True)
+        area_channel, area_separation = held_area_channel(cfg.hold_area, plan, train)
+        stats = real_statistics(train.x, gain_channel, area_channel=area_channel)
+        spread = stats.std(0).clamp_min(1e-6).to(device)
+        sds = zip(nuisance_names(gain_channel, area_channel), spread.tolist(), strict=True)
         info("directions: invariance penalty on " + ", ".join(f"{n} (sd {v:.3g})" for n, v in sds))
+    stat_names = nuisance_names(gain_channel, area_channel)
     held = load_split(plan, "val")
     n_eval = min(cfg.eval_images, len(held.y))
     z_held, x_held = semantic_latents(ae, held.x[:n_eval]), held.x[:n_eval]
@@ -285,6 +330,7 @@ def train_directions(
                 bf16,
                 cfg.signs == "both",
                 cfg.reverse,
+                area_channel,
             )
             loss = contrastive_loss(feats, labels)
             out = {"contrastive": loss}
@@ -314,6 +360,7 @@ def train_directions(
                     bf16,
                     cfg.signs == "both",
                     cfg.reverse,
+                    area_channel,
                 )
                 out = {
                     "heldout_loss": float(contrastive_loss(feats, labels)),
@@ -371,6 +418,8 @@ def train_directions(
         "invariance_spread": (
             dict(zip(stat_names, spread.tolist(), strict=True)) if spread is not None else None
         ),
+        # the classes' separation in the outlined area (pooled sds), where hold_area measured it
+        "area_separation": area_separation,
         # mean over restarts; each restart's own curves are under "restarts"
         "final": {key: sum(f[key] for f in finals) / len(finals) for key in finals[0]},
         "evals": results[0].evals,
