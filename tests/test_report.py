@@ -52,6 +52,7 @@ def test_report_is_self_contained(demo_run: Path) -> None:
     for section in ("summary", "classifier", "autoencoder", "directions", "evaluation"):
         assert f'<section id="{section}">' in html
     assert "Side by side" in html  # DiffEx beside the class-mean reference
+    assert "demo preset <b>quick</b>" in html  # the demo names its preset in the header
     assert 'id="baseline-gcd"' not in html  # GCD has not run here: left out
     sources = re.findall(r'src="([^"]*)"', html)
     assert sources and all(s.startswith("data:image/") for s in sources)

@@ -426,6 +426,7 @@ def build_report(run: str | Path, out: str | Path | None = None) -> Path:
         "created": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "versions": _versions(),
         "command": " ".join(sys.argv[1:]) if sys.argv else "",
+        "preset": (_json(root / "demo_summary.json") or {}).get("preset"),
         "timings": _timings(root),
         "data": _data_section(root),
         "classifier": _classifier_section(root),
