@@ -17,6 +17,7 @@ from diffex.models.unet import (
     ResBlock,
     attention_heads,
     group_norm,
+    patches_in,
     validate_network,
 )
 
@@ -122,7 +123,6 @@ class SemanticEncoder(nn.Module):
         self.fc = nn.Linear(ch, cfg.out_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        p = self.config.patch_size
-        h = self.blocks(self.conv_in(F.pixel_unshuffle(x, p) if p > 1 else x))
+        h = self.blocks(self.conv_in(patches_in(x, self.config.patch_size)))
         h = F.silu(self.norm_out(h)).mean(dim=(2, 3))
         return self.fc(h)

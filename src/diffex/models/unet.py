@@ -162,6 +162,11 @@ def unet_preset(name: str, **overrides: Any) -> UNetConfig:
 
 
 # --------------------------------------------------------------------------- building blocks
+def patches_in(x: Tensor, patch_size: int) -> Tensor:
+    """Fold each ``patch_size`` x ``patch_size`` patch of ``x`` into channels (identity at 1)."""
+    return F.pixel_unshuffle(x, patch_size) if patch_size > 1 else x
+
+
 def zero_module(module: nn.Module) -> nn.Module:
     """Set every parameter of ``module`` to zero and return it."""
     for p in module.parameters():
@@ -387,8 +392,7 @@ class UNet(nn.Module):
             t = t.expand(x_t.shape[0])
         emb = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(x_t.dtype))
         z = self._z_in(z)
-        p = self.config.patch_size
-        h = self.conv_in(F.pixel_unshuffle(x_t, p) if p > 1 else x_t)
+        h = self.conv_in(patches_in(x_t, self.config.patch_size))
         hs = [h]
         for layer in self.down:
             h = layer(h, emb, z)
@@ -397,6 +401,7 @@ class UNet(nn.Module):
         for layer in self.up:
             h = layer(torch.cat([h, hs.pop()], dim=1), emb, z)
         out = self.conv_out(F.silu(self.norm_out(h)))
+        p = self.config.patch_size
         return F.pixel_shuffle(out, p) if p > 1 else out
 
 
