@@ -166,6 +166,7 @@ def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
             "signs": "plus",
             "reverse": 0.0,
             "span": None,
+            "hold_area": "off",
         },
         # rank's own legacy settings: fp32 decodes, unbounded gains
         "rank": {"m": 3, "precision": "fp32", "gain_margin": None},
@@ -175,7 +176,8 @@ def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
     for precision in ("bf16", "auto"):
         moved = {**now["directions"], "precision": precision}
         assert not _done(tmp_path, "rank", {**now, "directions": moved})
-    for later in ({"signs": "both"}, {"reverse": 1.0}, {"span": 0.999}):  # added after restarts
+    later_settings = ({"signs": "both"}, {"reverse": 1.0}, {"span": 0.999}, {"hold_area": "auto"})
+    for later in later_settings:  # added after restarts
         assert not _done(tmp_path, "rank", {**now, "directions": {**now["directions"], **later}})
     assert not _done(tmp_path, "rank", {**now, "rank": {**now["rank"], "m": 4}})
     assert not _done(tmp_path, "explain", now)  # no marker
