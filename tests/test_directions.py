@@ -336,36 +336,3 @@ def test_train_directions_holding_the_area(demo_run, tmp_path) -> None:
     assert metrics["area_separation"] >= 0
     assert read_json(run / "directions" / "config.json")["train"]["hold_area"] == "on"
     assert main([*args[:-1], "sometimes"]) == 2
-
-
-def test_decoded_reverse_penalty_is_the_penalty_of_the_full_decode() -> None:
-    """The decoded reverse penalty equals the invariance penalty of each edit at -alpha decoded
-    by DDIM from the image's inverted x_T, against the same decode unedited; it has a gradient
-    into the directions, and an edit of length zero costs nothing."""
-    from diffex.models.nuisance import invariance_penalty, natural_spread
-    from diffex.train.directions import decoded_reverse_penalty
-
-    ae, x, z, trainer, _ = _global_pair()
-    spread = natural_spread(x, 0)
-    space = trainer.editor.space
-    units = trainer.editor.directions.units(space.standardise(z[:2]))  # (K, 2, D)
-    pen = decoded_reverse_penalty(ae, space, z[:2], x[:2], units, 0.5, 4, spread, 0)
-    pen.backward()
-    grad = trainer.editor.directions.vectors.grad
-    assert grad is not None and float(grad.abs().sum()) > 0
-    x_T = ae.encode(x[:2], steps=4)[1]
-    moved = space.unstandardise(
-        (space.standardise(z[:2])[None] - 0.5 * space.gap * units.detach()).reshape(-1, z.shape[1])
-    )
-    want = invariance_penalty(
-        ae.decode(moved, x_T.repeat(3, 1, 1, 1), steps=4),
-        ae.decode(z[:2], x_T, steps=4).clamp(-1, 1),
-        spread,
-        0,
-    )
-    assert float(want) > 0
-    torch.testing.assert_close(pen.detach(), want, rtol=1e-4, atol=1e-6)
-    zero = decoded_reverse_penalty(ae, space, z[:2], x[:2], 0 * units.detach(), 0.5, 4, spread, 0)
-    assert float(zero) == pytest.approx(0.0, abs=1e-9)
-    with pytest.raises(DiffexError, match="decoded_steps"):
-        DirectionTrainConfig(decoded_steps=0)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from diffex.config import build
 from diffex.data.loading import DataPlan, SplitData, load_split
-from diffex.diffusion import ddim_decode, q_sample
+from diffex.diffusion import q_sample
 from diffex.errors import DiffexError
 from diffex.io.atomic import write_json
 from diffex.io.checkpoint import load_config, load_state, save_module
@@ -103,9 +103,6 @@ class DirectionTrainConfig:
     reverse: float = 0.0
     span: float | None = None
     hold_area: str = "off"
-    decoded_reverse: float = 0.0
-    decoded_images: int = 1
-    decoded_steps: int = 10
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -131,15 +128,8 @@ class DirectionTrainConfig:
             raise DiffexError(f"k must be >= 2 (negatives need other directions), got {self.k}")
         if self.restarts < 1:
             raise DiffexError(f"restarts must be >= 1, got {self.restarts}")
-        if self.reverse < 0 or self.decoded_reverse < 0:
-            raise DiffexError(
-                f"reverse weights must be >= 0, got {self.reverse} and {self.decoded_reverse}"
-            )
-        if self.decoded_images < 1 or self.decoded_steps < 1:
-            raise DiffexError(
-                f"decoded_images and decoded_steps must be >= 1, got {self.decoded_images} "
-                f"and {self.decoded_steps}"
-            )
+        if self.reverse < 0:
+            raise DiffexError(f"reverse must be >= 0, got {self.reverse}")
         if self.invariance < 0 or self.decorrelation < 0:
             raise DiffexError(
                 f"penalty weights must be >= 0, got invariance {self.invariance} and "
@@ -232,40 +222,6 @@ def edit_features(
             x0_opp, x0_base, spread, gain_channel, area_channel
         )
     return feats, labels, units, penalty
-
-
-def decoded_reverse_penalty(
-    ae: DiffusionAutoencoder,
-    space: Any,
-    z: Tensor,
-    x: Tensor,
-    units: Tensor,
-    alpha: float,
-    steps: int,
-    spread: Tensor,
-    gain_channel: int | None = None,
-    area_channel: int | None = None,
-    bf16: bool = False,
-) -> Tensor:
-    """Invariance penalty of the K edits of images ``x`` (M, C, H, W) at -alpha, measured on
-    the ``steps``-step DDIM decode from each image's inverted x_T, as the explanation decodes
-    them (the one-step estimate sees a third of what that decode does past the data:
-    ``benchmarks/decode_leak.py``). ``units`` (K, M, D) are the unit shifts of latents ``z``
-    (M, D). Each step's prediction sees its input detached, so the gradient reaches z through
-    every step's prediction but not through the trajectory."""
-    k, m, _ = units.shape
-    with torch.no_grad():
-        x_T = ae.encode(x, steps=steps)[1]
-        base = ae.decode(z, x_T, steps=steps).clamp(-1, 1)
-    zs = space.standardise(z)
-    z_opp = space.unstandardise((zs[None] - alpha * space.gap * units).reshape(k * m, -1))
-
-    def eps_fn(x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
-        with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=bf16):
-            return ae.eps(x_t.detach(), t.expand(x_t.shape[0]), cond).float()
-
-    decoded = ddim_decode(eps_fn, x_T.repeat(k, 1, 1, 1), steps, ae.schedule, z_opp)
-    return invariance_penalty(decoded.clamp(-1, 1), base, spread, gain_channel, area_channel)
 
 
 #: seed offset between restarts: restart r trains with ``seed + RESTART_SEED_STEP * r``
@@ -381,23 +337,6 @@ def train_directions(
             if penalty is not None:
                 loss = loss + cfg.invariance * penalty
                 out["invariance"] = penalty
-            if penalty is not None and cfg.decoded_reverse > 0:
-                n = min(cfg.decoded_images, len(idx))
-                decoded = decoded_reverse_penalty(
-                    ae,
-                    m.editor.space,
-                    z_train[idx[:n]].to(device),
-                    train.x[idx[:n]].to(device),
-                    units[:, :n],
-                    cfg.alpha,
-                    cfg.decoded_steps,
-                    spread,
-                    gain_channel,
-                    area_channel,
-                    bf16,
-                )
-                loss = loss + cfg.invariance * cfg.decoded_reverse * decoded
-                out["decoded_reverse"] = decoded
             if cfg.decorrelation > 0:
                 pen = decorrelation_penalty(units)
                 loss = loss + cfg.decorrelation * pen
