@@ -294,7 +294,7 @@ def test_hold_area_auto_holds_the_area_only_where_the_classes_share_it() -> None
 
     from test_nuisance import disk
 
-    from diffex.train.directions import held_area_channel
+    from diffex.train.directions import held_statistics
 
     def split(radii: list[float]) -> SimpleNamespace:
         x = torch.cat([disk(r, 0.6) for r in radii])
@@ -302,17 +302,17 @@ def test_hold_area_auto_holds_the_area_only_where_the_classes_share_it() -> None
 
     plan = SimpleNamespace(measure_channels={"nucleus": 0, "actin": 1})
     same = split([6, 6.5, 7, 7.5, 8, 8.5, 8.5, 8, 7.5, 7, 6.5, 6])
-    channel, sep = held_area_channel("auto", plan, same)
+    _, channel, sep = held_statistics("auto", plan, same)
     assert channel == 1 and sep is not None and sep < 0.2
     grown = split([6, 9, 6.5, 9.5, 7, 10, 6, 9, 6.5, 9.5, 7, 10])
-    channel, sep = held_area_channel("auto", plan, grown)
+    _, channel, sep = held_statistics("auto", plan, grown)
     assert channel is None and sep is not None and sep > 2
-    assert held_area_channel("on", plan, grown)[0] == 1
-    assert held_area_channel("off", plan, same) == (None, None)
+    assert held_statistics("on", plan, grown)[1] == 1
+    assert held_statistics("off", plan, same)[1:] == (None, None)
     no_actin = SimpleNamespace(measure_channels={"nucleus": 0})
-    assert held_area_channel("auto", no_actin, same) == (None, None)
+    assert held_statistics("auto", no_actin, same)[1:] == (None, None)
     with pytest.raises(DiffexError, match="actin role"):
-        held_area_channel("on", no_actin, same)
+        held_statistics("on", no_actin, same)
     with pytest.raises(DiffexError, match="hold_area"):
         DirectionTrainConfig(hold_area="sometimes")
 

@@ -334,6 +334,8 @@ SPAN_HELP = (
     "variance (0.999, say; unset: unconstrained). z_sem fills only a few of its dimensions, and "
     'off them the decoder was hardly trained (BENCHMARKS.md, "The default on a Xeon host").'
 )
+#: ``--hold-area`` choices: train.directions.HOLD_AREA (no torch import here)
+HOLD_AREA_CHOICES = ("auto", "on", "off")
 HOLD_AREA_HELP = (
     "Also hold the cell area the actin channel outlines in the invariance penalty: on, off, "
     "or auto (only where the real classes do not differ in it, so that a phenotype of cell "
@@ -901,7 +903,7 @@ def _print_autoencoder(metrics: dict[str, Any], run: Path) -> None:
 )
 @click.option(
     "--hold-area",
-    type=click.Choice(["auto", "on", "off"]),  # train.directions.HOLD_AREA
+    type=click.Choice(HOLD_AREA_CHOICES),
     default="off",
     show_default=True,
     help=HOLD_AREA_HELP,
@@ -1340,7 +1342,7 @@ def report(run: Path, out: Path | None) -> None:
 )
 @click.option(
     "--hold-area",
-    type=click.Choice(["auto", "on", "off"]),
+    type=click.Choice(HOLD_AREA_CHOICES),
     default=None,
     help=HOLD_AREA_HELP + " The directions stage [default: the preset's].",
 )

@@ -228,28 +228,27 @@ def edit_features(
 RESTART_SEED_STEP = 100
 
 
-def held_area_channel(
-    hold_area: str, plan: DataPlan, train: SplitData
-) -> tuple[int | None, float | None]:
-    """The channel whose outlined area the penalty holds (None: not held) and, where ``auto``
-    measured it, the classes' separation in that area on the training images."""
-    channel = plan.measure_channels.get("actin")
-    if hold_area == "off":
-        return None, None
+def held_statistics(
+    hold_area: str, plan: DataPlan, train: SplitData, gain_channel: int | None = None
+) -> tuple[Tensor, int | None, float | None]:
+    """The invariance statistics of the training images (one pass over them), the channel whose
+    outlined area they hold (None: not held) and, where ``auto`` or ``on`` measured it, the
+    classes' separation in that area."""
+    channel = None if hold_area == "off" else plan.measure_channels.get("actin")
+    if channel is None and hold_area == "on":
+        raise DiffexError("hold_area on needs a channel with the actin role (none here)")
+    stats = real_statistics(train.x, gain_channel, area_channel=channel)
     if channel is None:
-        if hold_area == "on":
-            raise DiffexError("hold_area on needs a channel with the actin role (none here)")
-        return None, None
-    values = real_statistics(train.x, area_channel=channel)[:, -1:]
-    separation = float(class_separation(values, torch.as_tensor(train.y))[0])
+        return stats, None, None
+    separation = float(class_separation(stats[:, -1:], torch.as_tensor(train.y))[0])
     if hold_area == "on" or separation < HOLD_MAX_SEPARATION:
         info(f"directions: holding the outlined cell area (classes differ by {separation:.2f} sd)")
-        return channel, separation
+        return stats, channel, separation
     info(
         f"directions: not holding the outlined cell area: the classes differ by "
         f"{separation:.2f} sd in it (>= {HOLD_MAX_SEPARATION})"
     )
-    return None, separation
+    return stats[:, :-1], None, separation
 
 
 def restart_seed(seed: int, restart: int) -> int:
@@ -275,12 +274,14 @@ def train_directions(
     gain_channel = plan.measure_channels.get("nucleus")
     area_channel, area_separation = None, None
     if cfg.invariance > 0 and cfg.objective != "paper":
-        area_channel, area_separation = held_area_channel(cfg.hold_area, plan, train)
-        stats = real_statistics(train.x, gain_channel, area_channel=area_channel)
+        stats, area_channel, area_separation = held_statistics(
+            cfg.hold_area, plan, train, gain_channel
+        )
         spread = stats.std(0).clamp_min(1e-6).to(device)
-        sds = zip(nuisance_names(gain_channel, area_channel), spread.tolist(), strict=True)
-        info("directions: invariance penalty on " + ", ".join(f"{n} (sd {v:.3g})" for n, v in sds))
     stat_names = nuisance_names(gain_channel, area_channel)
+    if spread is not None:
+        sds = zip(stat_names, spread.tolist(), strict=True)
+        info("directions: invariance penalty on " + ", ".join(f"{n} (sd {v:.3g})" for n, v in sds))
     held = load_split(plan, "val")
     n_eval = min(cfg.eval_images, len(held.y))
     z_held, x_held = semantic_latents(ae, held.x[:n_eval]), held.x[:n_eval]
