@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -329,7 +330,8 @@ def test_demo_options_reach_the_stage_configs(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """``demo --z-norm --axis-invariance W --gain-margin M`` change the autoencoder's and the
-    decoding stages' settings of the preset and nothing else; without them the preset runs."""
+    decoding stages' settings of the preset and nothing else, ``--span`` and ``--hold-area``
+    the directions stage's; without them the preset runs."""
     import diffex.pipeline as pipeline
 
     seen: list[pipeline.DemoConfig] = []
@@ -342,7 +344,8 @@ def test_demo_options_reach_the_stage_configs(
     base = ["--device", "cpu", "demo", "--preset", "quick", "--out", str(tmp_path)]
     assert main(base) == 0
     assert main([*base, "--z-norm", "--axis-invariance", "0.03", "--gain-margin", "0.1"]) == 0
-    plain, moved = seen
+    assert main([*base, "--span", "0.99", "--hold-area", "on", "--no-z-norm"]) == 0
+    plain, moved, held = seen
     assert plain == pipeline.demo_preset("quick")
     assert plain.autoencoder.axis_invariance == 0.0 and not plain.autoencoder.z_norm
     assert moved.autoencoder.axis_invariance == 0.03 and moved.autoencoder.z_norm
@@ -351,6 +354,9 @@ def test_demo_options_reach_the_stage_configs(
     # the summary names the preset and what was changed on it
     assert plain.preset == "quick"
     assert moved.preset == "quick with --axis-invariance 0.03, --gain-margin 0.1, --z-norm"
+    assert held.directions == replace(plain.directions, span=0.99, hold_area="on")
+    assert held.autoencoder == plain.autoencoder and held.rank == plain.rank
+    assert held.preset == "quick with --span 0.99, --hold-area on, --no-z-norm"
     assert main([*base, "--axis-invariance", "-1"]) == 2
 
 

@@ -1372,7 +1372,7 @@ def demo(
     """
     from dataclasses import replace
 
-    from diffex.pipeline import demo_preset, run_demo
+    from diffex.pipeline import apply_overrides, demo_preset, run_demo
 
     spec = _external_spec(kw)
     if spec is not None and data is None:
@@ -1381,39 +1381,19 @@ def demo(
         name = "demo" if data is None else (data.parent if data.suffix else data).name
         out = Path("runs") / (name or "data")
     cfg = demo_preset(preset, opts.seed)
-    changed = [
-        f"{flag} {value}"
-        for flag, value in (
-            ("--data", data),
-            ("--axis-invariance", axis_invariance),
-            ("--gain-margin", gain_margin),
-            ("--span", span),
-            ("--hold-area", hold_area),
-        )
-        if value is not None
-    ]
-    if z_norm is not None:
-        changed.append("--z-norm" if z_norm else "--no-z-norm")
-    if changed:
-        cfg = replace(cfg, preset=f"{preset} with {', '.join(changed)}")
+    cfg = apply_overrides(
+        cfg,
+        [
+            ("--data", data, (), ""),
+            ("--axis-invariance", axis_invariance, ("autoencoder",), "axis_invariance"),
+            ("--gain-margin", gain_margin, ("rank", "explain", "evaluate"), "gain_margin"),
+            ("--span", span, ("directions",), "span"),
+            ("--hold-area", hold_area, ("directions",), "hold_area"),
+            ("--z-norm", z_norm, ("autoencoder",), "z_norm"),
+        ],
+    )
     if data is not None:
         cfg = replace(cfg, data=str(data), external=spec, rank=replace(cfg.rank, target=target))
-    if z_norm is not None:
-        cfg = replace(cfg, autoencoder=replace(cfg.autoencoder, z_norm=z_norm))
-    if axis_invariance is not None:
-        cfg = replace(cfg, autoencoder=replace(cfg.autoencoder, axis_invariance=axis_invariance))
-    if span is not None:
-        cfg = replace(cfg, directions=replace(cfg.directions, span=span))
-    if hold_area is not None:
-        cfg = replace(cfg, directions=replace(cfg.directions, hold_area=hold_area))
-    if gain_margin is not None:
-        cfg = replace(
-            cfg,
-            **{
-                stage: replace(getattr(cfg, stage), gain_margin=gain_margin)
-                for stage in ("rank", "explain", "evaluate")
-            },
-        )
     cfg = replace(cfg, stages=cfg.stages[: cfg.stages.index(until) + 1])
     device = opts.setup()
     summary = run_demo(out, cfg, device, seed=opts.seed)

@@ -49,6 +49,30 @@ class DemoConfig:
     preset: str = "custom"
 
 
+#: A demo option: its flag, its value (None: not given), the stage configs it sets and the field.
+Override = tuple[str, Any, tuple[str, ...], str]
+
+
+def apply_overrides(cfg: DemoConfig, overrides: list[Override]) -> DemoConfig:
+    """``cfg`` with every given option's field set in its stages' configs (none for an option
+    that only names itself, such as ``--data``), and the preset's name extended with the flags,
+    as in ``"fast with --span 0.999, --no-z-norm"``, so the summary says what ran."""
+    named = []
+    for flag, value, stages, field_name in overrides:
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            named.append(flag if value else f"--no-{flag.removeprefix('--')}")
+        else:
+            named.append(f"{flag} {value}")
+        cfg = replace(
+            cfg, **{st: replace(getattr(cfg, st), **{field_name: value}) for st in stages}
+        )
+    if named:
+        cfg = replace(cfg, preset=f"{cfg.preset} with {', '.join(named)}")
+    return cfg
+
+
 def demo_preset(name: str, seed: int = 0) -> DemoConfig:
     """``quick``: toy sizes for tests and CI (about a minute on 2 cores); ``default``: the CPU
     demo that shows the real effect; ``fast``: ``default`` on the patched autoencoder
