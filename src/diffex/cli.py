@@ -348,10 +348,32 @@ GAIN_MARGIN_HELP = (
 )
 
 
-def _gain_margin_option() -> Any:
+#: Options that a stage's command and ``demo`` both take: their flags and click settings.
+#: ``demo`` declares them unset (the preset's value) and names the stage they reach.
+SHARED_OPTIONS: dict[str, dict[str, Any]] = {
+    "gain_margin": {"decls": ("--gain-margin",), "type": click.FloatRange(min=0)},
+    "span": {"decls": ("--span",), "type": click.FloatRange(min=0, max=1, min_open=True)},
+    "hold_area": {"decls": ("--hold-area",), "type": click.Choice(HOLD_AREA_CHOICES)},
+    "axis_invariance": {"decls": ("--axis-invariance",), "type": click.FloatRange(min=0)},
+    "z_norm": {"decls": ("--z-norm/--no-z-norm",)},
+}
+
+
+def _shared_option(name: str, default: Any, help_text: str) -> Any:
+    """The shared option ``name`` (:data:`SHARED_OPTIONS`) with this default and help; an
+    unset default (None) is not shown."""
+    spec = dict(SHARED_OPTIONS[name])
     return click.option(
-        "--gain-margin", type=click.FloatRange(min=0), default=None, help=GAIN_MARGIN_HELP
+        *spec.pop("decls"),
+        default=default,
+        show_default=default is not None,
+        help=help_text,
+        **spec,
     )
+
+
+def _gain_margin_option() -> Any:
+    return _shared_option("gain_margin", None, GAIN_MARGIN_HELP)
 
 
 def _checkpoint_option(default: int) -> Any:
@@ -676,12 +698,7 @@ def _autoencoder_options(f: Any) -> Any:
             help="What the UNet predicts: v (stable at high noise, so decoding from z alone "
             "works early) or eps (the authors').",
         ),
-        click.option(
-            "--z-norm/--no-z-norm",
-            default=False,
-            show_default=True,
-            help=Z_NORM_HELP,
-        ),
+        _shared_option("z_norm", False, Z_NORM_HELP),
         click.option(
             "--gain-sd",
             type=click.FloatRange(0.0, 1.0),
@@ -690,13 +707,7 @@ def _autoencoder_options(f: Any) -> Any:
             help="Train on images with a random overall stain gain exp(N(0, SD)) (0 = off; "
             "measured on the demo, it does not stop the reverse-half dimming: BENCHMARKS.md).",
         ),
-        click.option(
-            "--axis-invariance",
-            type=click.FloatRange(0.0, None),
-            default=0.0,
-            show_default=True,
-            help=AXIS_INVARIANCE_HELP,
-        ),
+        _shared_option("axis_invariance", 0.0, AXIS_INVARIANCE_HELP),
         click.option(
             "--attention",
             default=None,
@@ -895,19 +906,8 @@ def _print_autoencoder(metrics: dict[str, Any], run: Path) -> None:
     help="Also decode each edit at -alpha and add this weight times its invariance penalty "
     "(0 = off; doubles the decodes; measured on the demo, it weakens the edits).",
 )
-@click.option(
-    "--span",
-    type=click.FloatRange(min=0, max=1, min_open=True),
-    default=None,
-    help=SPAN_HELP,
-)
-@click.option(
-    "--hold-area",
-    type=click.Choice(HOLD_AREA_CHOICES),
-    default="off",
-    show_default=True,
-    help=HOLD_AREA_HELP,
-)
+@_shared_option("span", None, SPAN_HELP)
+@_shared_option("hold_area", "off", HOLD_AREA_HELP)
 @_precision_option(
     f"auto: the one-step decodes under bf16 autocast {_NATIVE_BF16}, else fp32; features and "
     "losses stay fp32."
@@ -1317,34 +1317,12 @@ def report(run: Path, out: Path | None) -> None:
     show_default=True,
     help="Last stage to run (the report covers what exists).",
 )
-@click.option(
-    "--z-norm/--no-z-norm",
-    default=None,
-    help=Z_NORM_HELP + "  [default: the preset's choice]",
-)
-@click.option(
-    "--gain-margin",
-    type=click.FloatRange(min=0),
-    default=None,
-    help=GAIN_MARGIN_HELP + " Rank, explain and evaluate.",
-)
-@click.option(
-    "--axis-invariance",
-    type=click.FloatRange(min=0),
-    default=None,
-    help=AXIS_INVARIANCE_HELP + "  [default: the preset's, 0]",
-)
-@click.option(
-    "--span",
-    type=click.FloatRange(min=0, max=1, min_open=True),
-    default=None,
-    help=SPAN_HELP + " The directions stage.",
-)
-@click.option(
-    "--hold-area",
-    type=click.Choice(HOLD_AREA_CHOICES),
-    default=None,
-    help=HOLD_AREA_HELP + " The directions stage [default: the preset's].",
+@_shared_option("z_norm", None, Z_NORM_HELP + "  [default: the preset's choice]")
+@_shared_option("gain_margin", None, GAIN_MARGIN_HELP + " Rank, explain and evaluate.")
+@_shared_option("axis_invariance", None, AXIS_INVARIANCE_HELP + "  [default: the preset's, 0]")
+@_shared_option("span", None, SPAN_HELP + " The directions stage.")
+@_shared_option(
+    "hold_area", None, HOLD_AREA_HELP + " The directions stage [default: the preset's]."
 )
 @_external_options
 @pass_options
