@@ -331,7 +331,8 @@ def test_demo_options_reach_the_stage_configs(
 ) -> None:
     """``demo --z-norm --axis-invariance W --gain-margin M`` change the autoencoder's and the
     decoding stages' settings of the preset and nothing else, ``--span`` and ``--hold-area``
-    the directions stage's; without them the preset runs."""
+    the directions stage's, ``--classifier-output`` the autoencoder's; without them the
+    preset runs."""
     import diffex.pipeline as pipeline
 
     seen: list[pipeline.DemoConfig] = []
@@ -345,7 +346,8 @@ def test_demo_options_reach_the_stage_configs(
     assert main(base) == 0
     assert main([*base, "--z-norm", "--axis-invariance", "0.03", "--gain-margin", "0.1"]) == 0
     assert main([*base, "--span", "0.99", "--hold-area", "on", "--no-z-norm"]) == 0
-    plain, moved, held = seen
+    assert main([*base, "--classifier-output", "features"]) == 0
+    plain, moved, held, featured = seen
     assert plain == pipeline.demo_preset("quick")
     assert plain.autoencoder.axis_invariance == 0.0 and not plain.autoencoder.z_norm
     assert moved.autoencoder.axis_invariance == 0.03 and moved.autoencoder.z_norm
@@ -357,6 +359,9 @@ def test_demo_options_reach_the_stage_configs(
     assert held.directions == replace(plain.directions, span=0.99, hold_area="on")
     assert held.autoencoder == plain.autoencoder and held.rank == plain.rank
     assert held.preset == "quick with --span 0.99, --hold-area on, --no-z-norm"
+    assert featured.autoencoder == replace(plain.autoencoder, classifier_output="features")
+    assert featured.directions == plain.directions
+    assert main([*base, "--classifier-output", "softmax"]) == 2
     assert main([*base, "--axis-invariance", "-1"]) == 2
 
 

@@ -341,6 +341,10 @@ HOLD_AREA_HELP = (
     "or auto (only where the real classes do not differ in it, so that a phenotype of cell "
     "size stays findable)."
 )
+CLASSIFIER_OUTPUT_HELP = (
+    "Which classifier output joins the encoder's w in z_sem: probs (the authors'), logits, "
+    "or the penultimate features (BENCHMARKS: 'Conditioning on the classifier's features')."
+)
 GAIN_MARGIN_HELP = (
     "Bound the UNet's z gains, per channel, to their range over the training images widened "
     "by this share of it on each side, so that edits far past the data do not extrapolate the "
@@ -356,6 +360,10 @@ SHARED_OPTIONS: dict[str, dict[str, Any]] = {
     "hold_area": {"decls": ("--hold-area",), "type": click.Choice(HOLD_AREA_CHOICES)},
     "axis_invariance": {"decls": ("--axis-invariance",), "type": click.FloatRange(min=0)},
     "z_norm": {"decls": ("--z-norm/--no-z-norm",)},
+    "classifier_output": {
+        "decls": ("--classifier-output",),
+        "type": click.Choice(["probs", "logits", "features"]),
+    },
 }
 
 
@@ -683,13 +691,7 @@ def _autoencoder_options(f: Any) -> Any:
             help="Split each batch into N micro-batches (same result, less GPU memory).",
         ),
         _precision_option(f"auto: bf16 autocast {_NATIVE_BF16}, else fp32."),
-        click.option(
-            "--classifier-output",
-            type=click.Choice(["probs", "logits", "features"]),
-            default="probs",
-            show_default=True,
-            help="Which classifier output joins the encoder's w in z_sem.",
-        ),
+        _shared_option("classifier_output", "probs", CLASSIFIER_OUTPUT_HELP),
         click.option(
             "--prediction",
             type=click.Choice(["v", "eps"]),
@@ -1320,6 +1322,11 @@ def report(run: Path, out: Path | None) -> None:
 @_shared_option("z_norm", None, Z_NORM_HELP + "  [default: the preset's choice]")
 @_shared_option("gain_margin", None, GAIN_MARGIN_HELP + " Rank, explain and evaluate.")
 @_shared_option("axis_invariance", None, AXIS_INVARIANCE_HELP + "  [default: the preset's, 0]")
+@_shared_option(
+    "classifier_output",
+    None,
+    CLASSIFIER_OUTPUT_HELP + " The autoencoder stage [default: the preset's, probs].",
+)
 @_shared_option("span", None, SPAN_HELP + " The directions stage.")
 @_shared_option(
     "hold_area", None, HOLD_AREA_HELP + " The directions stage [default: the preset's]."
@@ -1336,6 +1343,7 @@ def demo(
     z_norm: bool | None,
     gain_margin: float | None,
     axis_invariance: float | None,
+    classifier_output: str | None,
     span: float | None,
     hold_area: str | None,
     **kw: Any,
@@ -1364,6 +1372,7 @@ def demo(
         [
             ("--data", data, (), ""),
             ("--axis-invariance", axis_invariance, ("autoencoder",), "axis_invariance"),
+            ("--classifier-output", classifier_output, ("autoencoder",), "classifier_output"),
             ("--gain-margin", gain_margin, ("rank", "explain", "evaluate"), "gain_margin"),
             ("--span", span, ("directions",), "span"),
             ("--hold-area", hold_area, ("directions",), "hold_area"),
