@@ -2,12 +2,14 @@
 over training images) of the encoder's pooled features, of its output layer, of the classifier
 output that joins them, and of z_sem = z_proj([classifier output; encoder output]), with the
 number of axes that hold 99.9 % of the variance; then the singular values of z_proj and how
-closely the class axis (class 0's mean to class 1's, standardised z) follows z_proj's columns for
-the classifier output (their difference: the move of z when p(class 1) rises by 1 at p(class 0)'s
-expense; with ``classifier_output`` probs).
+much of the class axis (class 0's mean to class 1's, standardised z) lies in the span of z_proj's
+columns for the classifier output (2 of 256 dimensions for two classes' probs or logits, as many
+as the classifier has features for ``features``), and, for two classes' probs or logits, its
+|cos| with their difference (the move of z when p(class 1) rises by 1 at p(class 0)'s expense).
 
 Run: ``OMP_WAIT_POLICY=PASSIVE python benchmarks/zsem_rank.py RUN [--images 1000]`` (RUN: a run
-folder with a trained autoencoder). Numbers: BENCHMARKS.md, "Holding the cell's outline".
+folder with a trained autoencoder). Numbers: BENCHMARKS.md, "Holding the cell's outline" and
+"Conditioning on the classifier's features".
 """
 
 from __future__ import annotations
@@ -57,12 +59,22 @@ def main() -> None:
     print("z_proj singular values:", ", ".join(f"{v:.2f}" for v in sv[:10].tolist()), "...")
     sd = z.std(0).clamp_min(1e-8)
     axis = (z[y == 1].mean(0) - z[y == 0].mean(0)) / sd
-    column = (ae.z_proj.weight[:, 1] - ae.z_proj.weight[:, 0]) / sd
-    cos = float((axis @ column).abs() / (axis.norm() * column.norm()))
+    # The share of the class axis that the classifier output's part of z_proj can write: the
+    # axis projected onto the span of those columns (standardised), for any classifier output.
+    cols = ae.z_proj.weight[:, : ae.cls_dim] / sd[:, None]
+    q, _ = torch.linalg.qr(cols)
+    share = float((q.T @ axis).norm() / axis.norm())
     print(
-        f"class axis: gap {float(axis.norm()):.2f} standardised units; |cos| with the classifier "
-        f"output's column {cos:.3f}, which moves z {float(column.norm()):.2f} per unit of output"
+        f"class axis: gap {float(axis.norm()):.2f} standardised units; share of it in the span "
+        f"of the classifier output's {ae.cls_dim} columns of z_proj {share:.3f}"
     )
+    if ae.config.classifier_output != "features" and ae.cls_dim == 2:
+        column = (ae.z_proj.weight[:, 1] - ae.z_proj.weight[:, 0]) / sd
+        cos = float((axis @ column).abs() / (axis.norm() * column.norm()))
+        print(
+            f"  |cos| with the output's difference column {cos:.3f}, which moves z "
+            f"{float(column.norm()):.2f} per unit of output"
+        )
 
 
 if __name__ == "__main__":
