@@ -24,7 +24,7 @@ import torch
 
 from diffex.data.loading import load_split
 from diffex.data.measure import measure_batch
-from diffex.diffusion import _levels, _t_batch, ddim_coefficients, q_sample
+from diffex.diffusion import ddim_coefficients, ddim_levels, q_sample, t_batch
 from diffex.models.nuisance import background_mask, natural_spread, statistics
 from diffex.models.nuisance import names as stat_names
 from diffex.rundir import RunDir
@@ -37,12 +37,12 @@ FEATURES = ("nucleus_area", "actin_intensity", "brightness", "noise", "backgroun
 def decode(ae, z_edit, z_late, x_T, steps: int, n_late: int) -> torch.Tensor:
     """DDIM from ``x_T`` conditioned on ``z_edit``, then on ``z_late`` for the last ``n_late``
     steps; clamped to [-1, 1]."""
-    ts, abar = _levels(ae.schedule, steps)
+    ts, abar = ddim_levels(ae.schedule, steps)
     x, n = x_T.clone(), len(ts)
     with torch.inference_mode():
         for i, k in enumerate(range(n, 0, -1)):
             z = z_late if i >= n - n_late else z_edit
-            eps = ae._eps_fn(x, _t_batch(ts[k - 1], x), z)
+            eps = ae._eps_fn(x, t_batch(ts[k - 1], x), z)
             a, b = ddim_coefficients(abar[k], abar[k - 1])
             x = a * x + b * eps
     return x.clamp(-1, 1)

@@ -164,7 +164,7 @@ def ddim_steps(T: int, steps: int) -> list[int]:
     return [round((k + 1) * T / steps) - 1 for k in range(steps)]
 
 
-def _levels(sched: Schedule, steps: int | Sequence[int]) -> tuple[list[int], list[float]]:
+def ddim_levels(sched: Schedule, steps: int | Sequence[int]) -> tuple[list[int], list[float]]:
     """Step list and alpha_bar per level; level 0 is the clean image (alpha_bar = 1)."""
     ts = ddim_steps(sched.T, steps) if isinstance(steps, int) else [int(s) for s in steps]
     if any(b <= a for a, b in zip(ts, ts[1:], strict=False)) or not ts:
@@ -185,7 +185,8 @@ def ddim_coefficients(abar_from: float, abar_to: float) -> tuple[float, float]:
     return a, b
 
 
-def _t_batch(t: int, x: Tensor) -> Tensor:
+def t_batch(t: int, x: Tensor) -> Tensor:
+    """The timestep t for every row of x: (N,) long on x's device."""
     return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
 
 
@@ -202,11 +203,11 @@ def ddim_decode(
     ``steps`` is a number of steps (see :func:`ddim_steps`) or an explicit ascending step list.
     The model is evaluated at each noisy level; no clipping, so the map stays invertible.
     """
-    ts, abar = _levels(sched, steps)
+    ts, abar = ddim_levels(sched, steps)
     x = x_T
     n = len(ts)
     for i, k in enumerate(range(n, 0, -1)):
-        eps = eps_fn(x, _t_batch(ts[k - 1], x), cond)
+        eps = eps_fn(x, t_batch(ts[k - 1], x), cond)
         a, b = ddim_coefficients(abar[k], abar[k - 1])
         x = a * x + b * eps.to(x.dtype)
         if progress is not None:
@@ -230,11 +231,11 @@ def ddim_encode(
     a Gaussian-data oracle at 50 steps, because eps depends strongly on t near the clean end.)
     Returns x_T at step ``T - 1``.
     """
-    ts, abar = _levels(sched, steps)
+    ts, abar = ddim_levels(sched, steps)
     x = x0
     n = len(ts)
     for k in range(1, n + 1):
-        eps = eps_fn(x, _t_batch(ts[k - 1], x), cond)
+        eps = eps_fn(x, t_batch(ts[k - 1], x), cond)
         a, b = ddim_coefficients(abar[k - 1], abar[k])
         x = a * x + b * eps.to(x.dtype)
         if progress is not None:
