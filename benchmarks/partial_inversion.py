@@ -17,15 +17,11 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch
+from probe_run import open_run
 
-from diffex.data.loading import load_split
 from diffex.diffusion import ddim_steps
 from diffex.explain.explain import _class_stats, edited_latents, factor_trends
-from diffex.explain.methods import load_direction_set
-from diffex.explain.rank import heldout_split, prober, source_images
-from diffex.rundir import RunDir
-from diffex.train.autoencoder import load_autoencoder
+from diffex.explain.rank import prober, source_images
 
 SHOWN = (
     "nucleus_area",
@@ -46,12 +42,8 @@ def main() -> None:
     ap.add_argument("--alphas", type=int, default=7)
     ap.add_argument("--t-max", type=int, nargs="+", default=[999, 599, 399])
     args = ap.parse_args()
-    device = torch.device("cpu")
-    plan = RunDir(args.run).load_plan()
-    dset = load_direction_set(args.run, "diffex", device, reference=True)
-    ae = load_autoencoder(args.run, device, precision="auto")
-    target = dset.target
-    held = load_split(plan, heldout_split(plan))
+    run = open_run(args.run)
+    plan, dset, ae, held, target = run.plan, run.dset, run.ae, run.held, run.target
     x, _ = source_images(plan, target, args.images, 1, data=held)
     probs = prober(ae)
     _, floor = _class_stats(plan)

@@ -25,18 +25,16 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch
+from probe_run import open_run
 from scipy.stats import spearmanr
 
 from diffex.data.loading import load_split
 from diffex.data.measure import measure_batch
 from diffex.explain.explain import _class_stats, decode_sweep, edited_latents
 from diffex.explain.latents import encode_cached
-from diffex.explain.methods import load_direction_set
-from diffex.explain.rank import heldout_split, prober
+from diffex.explain.rank import prober
 from diffex.explain.support import axis_range, past_data_share
-from diffex.rundir import RunDir
-from diffex.train.autoencoder import load_autoencoder, semantic_latents
+from diffex.train.autoencoder import semantic_latents
 
 SHOWN = ("nucleus_area", "actin_intensity", "spot_count", "cell_area", "background", "noise")
 SHOWN_LAST = ("brightness",)
@@ -70,12 +68,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=2, help="ranked directions to probe")
     ap.add_argument("--levels", type=int, default=4, help="alphas per half, 0 included")
     args = ap.parse_args()
-    device = torch.device("cpu")
-    plan = RunDir(args.run).load_plan()
-    dset = load_direction_set(args.run, "diffex", device, reference=True)
-    ae = load_autoencoder(args.run, device, precision="auto")
-    target = dset.target
-    held = load_split(plan, heldout_split(plan))
+    run = open_run(args.run)
+    plan, dset, ae, held, target = run.plan, run.dset, run.ae, run.held, run.target
     rng = np.random.default_rng(1)
     y = held.y.numpy()
     cells = {}

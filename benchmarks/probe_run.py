@@ -1,0 +1,42 @@
+"""What the explanation probes (``sweep_halves.py``, ``partial_inversion.py``) load from a run:
+its data plan, ranked directions with the class-mean reference, autoencoder and held-out split,
+on the CPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from diffex.data.loading import DataPlan, SplitData, load_split
+from diffex.explain.methods import DirectionSet, load_direction_set
+from diffex.explain.rank import heldout_split
+from diffex.models.autoencoder import DiffusionAutoencoder
+from diffex.rundir import RunDir
+from diffex.train.autoencoder import load_autoencoder
+
+
+@dataclass
+class ProbeRun:
+    """A run's pieces for a probe; ``target`` is the ranking's target class index."""
+
+    plan: DataPlan
+    dset: DirectionSet
+    ae: DiffusionAutoencoder
+    held: SplitData
+
+    @property
+    def target(self) -> int:
+        return self.dset.target
+
+
+def open_run(run: str) -> ProbeRun:
+    """Load ``run`` (a folder with rank done) for a probe, decoding as the run's stages do."""
+    device = torch.device("cpu")
+    plan = RunDir(run).load_plan()
+    return ProbeRun(
+        plan=plan,
+        dset=load_direction_set(run, "diffex", device, reference=True),
+        ae=load_autoencoder(run, device, precision="auto"),
+        held=load_split(plan, heldout_split(plan)),
+    )
