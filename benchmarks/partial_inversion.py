@@ -20,7 +20,7 @@ import numpy as np
 from probe_run import open_run
 
 from diffex.diffusion import ddim_steps
-from diffex.explain.explain import _class_stats, edited_latents, factor_trends
+from diffex.explain.explain import edited_latents, factor_trends
 from diffex.explain.rank import prober, source_images
 
 SHOWN = (
@@ -46,7 +46,7 @@ def main() -> None:
     plan, dset, ae, held, target = run.plan, run.dset, run.ae, run.held, run.target
     x, _ = source_images(plan, target, args.images, 1, data=held)
     probs = prober(ae)
-    _, floor = _class_stats(plan)
+    floor = run.spot_floor()
     levels = ddim_steps(ae.schedule.T, 20)
     items = [*dset.items[:1], *([dset.reference] if dset.reference else [])]
     for t_max in args.t_max:

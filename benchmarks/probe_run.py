@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from diffex.data.loading import DataPlan, SplitData, load_split
+from diffex.data.measure import spot_noise_floor
 from diffex.explain.methods import DirectionSet, load_direction_set
 from diffex.explain.rank import heldout_split
 from diffex.models.autoencoder import DiffusionAutoencoder
@@ -28,6 +29,12 @@ class ProbeRun:
     @property
     def target(self) -> int:
         return self.dset.target
+
+    def spot_floor(self) -> float | None:
+        """The spot-noise floor that ``diffex explain`` measures generated cells with: that of
+        the validation split's real cells."""
+        real = self.plan.normalization.to_unit(load_split(self.plan, "val").x)
+        return spot_noise_floor(real, self.plan.measure_channels)
 
 
 def open_run(run: str) -> ProbeRun:

@@ -30,7 +30,7 @@ from scipy.stats import spearmanr
 
 from diffex.data.loading import load_split
 from diffex.data.measure import measure_batch
-from diffex.explain.explain import _class_stats, decode_sweep, edited_latents
+from diffex.explain.explain import decode_sweep, edited_latents
 from diffex.explain.latents import encode_cached
 from diffex.explain.rank import prober
 from diffex.explain.support import axis_range, past_data_share
@@ -79,7 +79,7 @@ def main() -> None:
         cells[name] = (z, x_T)
     bounds = axis_range(dset.space, semantic_latents(ae, load_split(plan, "train").x), target)
     probs = prober(ae)
-    _, floor = _class_stats(plan)
+    floor = run.spot_floor()
     for item in [*dset.items[: args.top], *([dset.reference] if dset.reference else [])]:
         print(f"== {item.name} (alpha {item.alpha:.2f} class gaps)")
         up = np.linspace(0, item.alpha, args.levels)
