@@ -86,10 +86,15 @@ def test_gcd_command_end_to_end(demo_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(demo_run, run)
     args = ["--seed", "0", "baseline", "gcd", "--run", str(run), "--samples", "8",
-            "--rounds", "1", "--n-images", "6", "--ddim-steps", "4", "--m", "3"]  # fmt: skip
+            "--rounds", "1", "--n-images", "6", "--ddim-steps", "4", "--m", "3",
+            "--precision", "fp32"]  # fmt: skip
     assert main(args) == 0
     folder = run / "baselines" / "gcd"
     ranking = json.loads((folder / "ranking.json").read_text())
+    # the precision reaches the search and the explanations alike
+    assert ranking["precision"] == "fp32" and ranking["config"]["precision"] == "fp32"
+    shown = json.loads((folder / "explanations" / "summary.json").read_text())
+    assert shown["precision"] == "fp32"
     assert 1 <= len(ranking["directions"]) <= 3
     flips = [d["flip_rate"] for d in ranking["directions"]]
     assert flips == sorted(flips, reverse=True)
@@ -120,3 +125,4 @@ def test_gcd_bad_settings_are_one_line(demo_run: Path, capsys: pytest.CaptureFix
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "source_images" in err
     assert not (demo_run / "baselines").exists()
+    assert main(["baseline", "gcd", "--run", str(demo_run), "--precision", "fp16"]) == 2

@@ -48,14 +48,20 @@ def test_cache_reuses_encodings_and_knows_its_owner(demo_run: Path, tmp_path: Pa
 
     encode_cached(ae, run, x, keys, steps=8)  # another step count: its own cache
     assert calls == [5, 1, 5]
+    ae.decode_bf16 = True  # another precision: its own cache, the fp32 one kept
+    encode_cached(ae, run, x, keys, steps=4)
+    assert calls == [5, 1, 5, 5] and cache_paths(rd, 4, "bf16")[0].is_file()
+    ae.decode_bf16 = False
+    encode_cached(ae, run, x, keys, steps=4)
+    assert calls == [5, 1, 5, 5]
 
     # another data plan (here: the same plan rewritten) means other images: start again
     plan_text = json.loads(rd.data_plan.read_text())
     rd.data_plan.write_text(json.dumps(plan_text, indent=1))
     encode_cached(ae, run, x, keys, steps=4)
-    assert calls == [5, 1, 5, 5]
+    assert calls == [5, 1, 5, 5, 5]
 
     # a damaged cache is rebuilt, not fatal
     cache_paths(rd, 4)[0].write_bytes(b"garbage")
     z7, _ = encode_cached(ae, run, x, keys, steps=4)
-    assert calls == [5, 1, 5, 5, 5] and torch.allclose(z7, z1, atol=1e-5)
+    assert calls == [5, 1, 5, 5, 5, 5] and torch.allclose(z7, z1, atol=1e-5)

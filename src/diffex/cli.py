@@ -1235,6 +1235,7 @@ def baseline() -> None:
     show_default=True,
     help="Render the directions like DiffEx's (strips, curves, morphology).",
 )
+@_precision_option(_DECODE_PRECISION)
 @pass_options
 def baseline_gcd(
     opts: Options, run: Path, samples: int, rounds: int, explain: bool, **kw: Any
@@ -1255,7 +1256,8 @@ def baseline_gcd(
     search = GCDConfig(samples=samples, rounds=rounds, seed=opts.seed)
     gcd_run(run, GCDRunConfig(**kw, search=search, seed=opts.seed), device)
     if explain:
-        explain_run(run, ExplainConfig(reference=False, seed=opts.seed), device, method="gcd")
+        settings = ExplainConfig(reference=False, seed=opts.seed, precision=kw["precision"])
+        explain_run(run, settings, device, method="gcd")
     click.echo(f"gcd: {run / 'baselines' / 'gcd'}")
 
 

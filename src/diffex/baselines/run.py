@@ -23,6 +23,7 @@ from diffex.log import info, track
 from diffex.models.autoencoder import DiffusionAutoencoder
 from diffex.models.directions import LatentSpace
 from diffex.rundir import RunDir
+from diffex.runtime import check_precision
 from diffex.train.autoencoder import load_autoencoder
 from diffex.train.directions import semantic_latents
 
@@ -44,8 +45,11 @@ class GCDRunConfig:
     batch_size: int = 128
     search: GCDConfig = field(default_factory=GCDConfig)
     seed: int = 0
+    #: auto, fp32 or bf16 DDIM inversion and decoding, as rank and explain (runtime.PRECISIONS).
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         if self.source_images < 1 or self.m < 1 or self.n_images < 1 or self.ddim_steps < 1:
             raise DiffexError("gcd: source_images, m, n_images and ddim_steps must be >= 1")
 
@@ -69,7 +73,7 @@ def gcd_run(run: str | Path, cfg: GCDRunConfig, device: torch.device) -> dict[st
     rd = RunDir(run)
     plan = rd.load_plan()
     target = resolve_target(plan, cfg.target)
-    ae = load_autoencoder(run, device)
+    ae = load_autoencoder(run, device, precision=cfg.precision)
     info("gcd: fitting the latent space on training latents")
     space = fit_space(ae, plan).to(device)
     probs = prober(ae)
@@ -143,6 +147,7 @@ def gcd_run(run: str | Path, cfg: GCDRunConfig, device: torch.device) -> dict[st
         "alpha": max((d["step"] for d in ranked), default=1.0),
         "n_images": len(x),
         "ddim_steps": steps,
+        "precision": ae.decode_precision,
         "source_classes": [c for i, c in enumerate(plan.classes) if i != target],
         "distance": DISTANCE,
         "directions": ranked,

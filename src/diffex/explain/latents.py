@@ -2,8 +2,8 @@
 
 Ranking, calibration, explanations, the evaluation and the GCD baseline all invert images with
 the same autoencoder; the test-split source images they share are inverted once per number of
-DDIM steps. The cache belongs to one autoencoder and one data plan (their digests are stored
-beside it) and is rebuilt when either changes.
+DDIM steps and decode precision. The cache belongs to one autoencoder and one data plan (their
+digests are stored beside it) and is rebuilt when either changes.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from diffex.rundir import RunDir
 from diffex.train.resume import file_digest, weights_digest
 
 
-def cache_paths(rd: RunDir, steps: int) -> tuple[Path, Path]:
-    """The tensors and the index of the cache for ``steps`` DDIM steps."""
-    folder = rd.root / "cache"
-    return folder / f"latents_{steps}steps.safetensors", folder / f"latents_{steps}steps.json"
+def cache_paths(rd: RunDir, steps: int, precision: str = "fp32") -> tuple[Path, Path]:
+    """The tensors and the index of the cache for ``steps`` DDIM steps inverted in
+    ``precision`` (the autoencoder's ``decode_precision``: a bf16 inversion is not the fp32
+    one, and a stage decodes from the x_T of its own precision)."""
+    stem = rd.root / "cache" / f"latents_{steps}steps_{precision}"
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
 def _owner(rd: RunDir) -> dict[str, str]:
@@ -44,7 +46,7 @@ def encode_cached(
     if len(keys) != len(x):
         raise DiffexError(f"encode_cached: {len(keys)} keys for {len(x)} images")
     rd = RunDir(run)
-    tensors_path, index_path = cache_paths(rd, steps)
+    tensors_path, index_path = cache_paths(rd, steps, ae.decode_precision)
     owner = _owner(rd)
     known: list[str] = []
     z_all = xt_all = None
