@@ -26,11 +26,10 @@ import argparse
 
 import numpy as np
 from probe_run import open_run
-from scipy.stats import spearmanr
 
 from diffex.data.loading import load_split
-from diffex.data.measure import measure_batch
-from diffex.explain.explain import decode_sweep, edited_latents
+from diffex.data.measure import measure_batch, noise_sd
+from diffex.explain.explain import decode_sweep, edited_latents, spearman
 from diffex.explain.latents import encode_cached
 from diffex.explain.rank import prober
 from diffex.explain.support import axis_range, past_data_share
@@ -48,17 +47,7 @@ def ring_noise(unit: np.ndarray) -> np.ndarray:
     ring = np.zeros(unit.shape[-2:], dtype=bool)
     ring[:RING] = ring[-RING:] = True
     ring[:, :RING] = ring[:, -RING:] = True
-    px = unit[..., ring]  # (M, C, P)
-    med = np.median(px, axis=-1, keepdims=True)
-    return (np.sqrt(2 * np.pi) * np.maximum(px - med, 0).mean(-1)).mean(-1)
-
-
-def rho(a: np.ndarray, v: np.ndarray) -> float:
-    """Spearman rho over the finite values (NaN when constant)."""
-    ok = np.isfinite(v)
-    if ok.sum() < 3 or np.ptp(v[ok]) == 0:
-        return float("nan")
-    return float(spearmanr(a[ok], v[ok]).statistic)
+    return noise_sd(unit[..., ring], axis=-1).mean(-1)  # (M, C, P) pixels -> (M,)
 
 
 def main() -> None:
@@ -100,7 +89,7 @@ def main() -> None:
             values["noise, ring"] = ring_noise(unit)
             a = np.repeat(alphas, len(z))
             shown = [*SHOWN, "noise, ring", *SHOWN_LAST]
-            rhos = ", ".join(f"{k} {rho(a, values[k]):+.2f}" for k in shown)
+            rhos = ", ".join(f"{k} {spearman(a, values[k]):+.2f}" for k in shown)
             shares = [round(float(v), 2) for v in past]
             print(f"  {half:13s} p {[round(float(v), 2) for v in p]} past {shares}")
             print(f"  {'':13s} rho: {rhos}")

@@ -61,13 +61,11 @@ def main() -> None:
     axis = (z[y == 1].mean(0) - z[y == 0].mean(0)) / sd
     # The share of the class axis that the classifier output's part of z_proj can write: the
     # axis projected onto the span of those columns (standardised), for any classifier output.
-    cols = ae.z_proj.weight[:, : ae.cls_dim] / sd[:, None]
-    q, _ = torch.linalg.qr(cols)
-    share = float((q.T @ axis).norm() / axis.norm())
-    print(
-        f"class axis: gap {float(axis.norm()):.2f} standardised units; share of it in the span "
-        f"of the classifier output's {ae.cls_dim} columns of z_proj {share:.3f}"
-    )
+    print(f"class axis: gap {float(axis.norm()):.2f} standardised units")
+    if ae.cls_dim < len(axis):  # as many columns as z's dimensions span any axis
+        q, _ = torch.linalg.qr(ae.z_proj.weight[:, : ae.cls_dim] / sd[:, None])
+        share = float((q.T @ axis).norm() / axis.norm())
+        print(f"  share of it in the span of the classifier output's columns of z_proj {share:.3f}")
     if ae.config.classifier_output != "features" and ae.cls_dim == 2:
         column = (ae.z_proj.weight[:, 1] - ae.z_proj.weight[:, 0]) / sd
         cos = float((axis @ column).abs() / (axis.norm() * column.norm()))

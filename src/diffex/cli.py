@@ -360,7 +360,7 @@ SHARED_OPTIONS: dict[str, dict[str, Any]] = {
     "hold_area": {"decls": ("--hold-area",), "type": click.Choice(HOLD_AREA_CHOICES)},
     "axis_invariance": {"decls": ("--axis-invariance",), "type": click.FloatRange(min=0)},
     "z_norm": {"decls": ("--z-norm/--no-z-norm",)},
-    "classifier_output": {
+    "classifier_output": {  # models.autoencoder.CLASSIFIER_OUTPUTS (no torch import here)
         "decls": ("--classifier-output",),
         "type": click.Choice(["probs", "logits", "features"]),
     },

@@ -104,8 +104,14 @@ def _largest(mask: np.ndarray) -> np.ndarray:
 
 def _noise_sd(x: np.ndarray) -> float:
     """Gaussian sd from the upper half of the distribution (robust to clipping at 0)."""
-    med = np.median(x)
-    return float(_SQRT_2PI * np.maximum(x - med, 0.0).mean())
+    return float(noise_sd(x))
+
+
+def noise_sd(x: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """:func:`_noise_sd` along ``axis`` (None: over all values): the sd that the ``noise``
+    measurement reads from background pixels."""
+    med = np.median(x, axis=axis, keepdims=True)
+    return _SQRT_2PI * np.maximum(x - med, 0.0).mean(axis=axis)
 
 
 #: Channel names that say which role a channel plays (lower case, matched as words).

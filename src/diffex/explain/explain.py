@@ -130,15 +130,15 @@ def factor_trends(
     forward = alpha_rep >= 0
     return {
         feat: {
-            "rho": _spearman(alpha_rep, values[feat]),
-            "rho_forward": _spearman(alpha_rep[forward], values[feat][forward]),
+            "rho": spearman(alpha_rep, values[feat]),
+            "rho_forward": spearman(alpha_rep[forward], values[feat][forward]),
         }
         for feat in MEASUREMENTS
         if feat not in CIRCULAR
     }
 
 
-def _spearman(a: np.ndarray, v: np.ndarray) -> float:
+def spearman(a: np.ndarray, v: np.ndarray) -> float:
     """Spearman rho over the finite values; NaN with fewer than 3 or when either is constant."""
     ok = np.isfinite(v)
     if ok.sum() < 3 or np.ptp(v[ok]) == 0 or np.ptp(a[ok]) == 0:
