@@ -169,8 +169,8 @@ def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
             "span": None,
             "hold_area": "off",
         },
-        # rank's own legacy settings: fp32 decodes, unbounded gains
-        "rank": {"m": 3, "precision": "fp32", "gain_margin": None},
+        # rank's own legacy settings: fp32 decodes, unbounded gains, plain inversion
+        "rank": {"m": 3, "precision": "fp32", "gain_margin": None, "inversion_refine": 0},
     }
     assert _done(tmp_path, "rank", now)
     assert not _done(tmp_path, "rank", {**now, "directions": {**now["directions"], "restarts": 2}})
@@ -237,9 +237,9 @@ def test_marker_from_before_z_norm_means_raw_z(tmp_path: Path) -> None:
 
 
 def test_marker_from_before_decode_precision_means_fp32(tmp_path: Path) -> None:
-    """Rank, explain and evaluate markers written before their ``precision`` and ``gain_margin``
-    existed decoded in fp32 with unbounded gains: done for that, stale for bf16, auto or a
-    margin."""
+    """Rank, explain and evaluate markers written before their ``precision``, ``gain_margin``
+    and ``inversion_refine`` existed decoded in fp32 with unbounded gains from plain inversions:
+    done for that, stale for bf16, auto, a margin or a refined inversion."""
     from diffex.io.atomic import write_json
     from diffex.pipeline import _done
 
@@ -249,12 +249,17 @@ def test_marker_from_before_decode_precision_means_fp32(tmp_path: Path) -> None:
         now = {
             **old,
             **{
-                s: {**old[s], "precision": "fp32", "gain_margin": None}
+                s: {**old[s], "precision": "fp32", "gain_margin": None, "inversion_refine": 0}
                 for s in ("rank", "explain", "evaluate")
             },
         }
         assert _done(tmp_path, "evaluate", now)
-        for setting in ({"precision": "bf16"}, {"precision": "auto"}, {"gain_margin": 0.1}):
+        for setting in (
+            {"precision": "bf16"},
+            {"precision": "auto"},
+            {"gain_margin": 0.1},
+            {"inversion_refine": 10},
+        ):
             moved = {**now, stage: {**now[stage], **setting}}
             assert not _done(tmp_path, "evaluate", moved), (stage, setting)
 
@@ -347,7 +352,8 @@ def test_demo_options_reach_the_stage_configs(
     assert main([*base, "--z-norm", "--axis-invariance", "0.03", "--gain-margin", "0.1"]) == 0
     assert main([*base, "--span", "0.99", "--hold-area", "on", "--no-z-norm"]) == 0
     assert main([*base, "--classifier-output", "features"]) == 0
-    plain, moved, held, featured = seen
+    assert main([*base, "--inversion-refine", "0"]) == 0
+    plain, moved, held, featured, plain_inversion = seen
     assert plain == pipeline.demo_preset("quick")
     assert plain.autoencoder.axis_invariance == 0.0 and not plain.autoencoder.z_norm
     assert moved.autoencoder.axis_invariance == 0.03 and moved.autoencoder.z_norm
@@ -361,6 +367,12 @@ def test_demo_options_reach_the_stage_configs(
     assert held.preset == "quick with --span 0.99, --hold-area on, --no-z-norm"
     assert featured.autoencoder == replace(plain.autoencoder, classifier_output="features")
     assert featured.directions == plain.directions
+    assert all(getattr(plain, s).inversion_refine > 0 for s in ("rank", "explain", "evaluate"))
+    stages = ("rank", "explain", "evaluate")
+    assert all(getattr(plain_inversion, s).inversion_refine == 0 for s in stages)
+    assert plain_inversion.autoencoder == plain.autoencoder
+    assert plain_inversion.preset == "quick with --inversion-refine 0"
+    assert main([*base, "--inversion-refine", "-1"]) == 2
     assert main([*base, "--classifier-output", "softmax"]) == 2
     assert main([*base, "--axis-invariance", "-1"]) == 2
 

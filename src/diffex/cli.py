@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from diffex import __version__
+from diffex.config import INVERSION_REFINE
 from diffex.errors import DiffexError
 from diffex.stages import STAGES
 
@@ -351,11 +352,19 @@ GAIN_MARGIN_HELP = (
     "decoder (BENCHMARKS: 'Gains bounded to the data') [default: unbounded]."
 )
 
+INVERSION_REFINE_HELP = (
+    "Refine the DDIM inversion of each image by fixed-point iteration, up to this many more "
+    "UNet calls per level, so that decoding its x_T gives the image back (0: plain inversion, "
+    "which loses the background level and the noise of the cells; BENCHMARKS: 'Exact "
+    "inversion')."
+)
+
 
 #: Options that a stage's command and ``demo`` both take: their flags and click settings.
 #: ``demo`` declares them unset (the preset's value) and names the stage they reach.
 SHARED_OPTIONS: dict[str, dict[str, Any]] = {
     "gain_margin": {"decls": ("--gain-margin",), "type": click.FloatRange(min=0)},
+    "inversion_refine": {"decls": ("--inversion-refine",), "type": click.IntRange(min=0)},
     "span": {"decls": ("--span",), "type": click.FloatRange(min=0, max=1, min_open=True)},
     "hold_area": {"decls": ("--hold-area",), "type": click.Choice(HOLD_AREA_CHOICES)},
     "axis_invariance": {"decls": ("--axis-invariance",), "type": click.FloatRange(min=0)},
@@ -382,6 +391,10 @@ def _shared_option(name: str, default: Any, help_text: str) -> Any:
 
 def _gain_margin_option() -> Any:
     return _shared_option("gain_margin", None, GAIN_MARGIN_HELP)
+
+
+def _inversion_option() -> Any:
+    return _shared_option("inversion_refine", INVERSION_REFINE, INVERSION_REFINE_HELP)
 
 
 def _checkpoint_option(default: int) -> Any:
@@ -1010,6 +1023,7 @@ def train_directions_cmd(opts: Options, run: Path, **kw: Any) -> None:
     help="Rank directions the artifact guard flags (noise, background) too.",
 )
 @_gain_margin_option()
+@_inversion_option()
 @_precision_option(_DECODE_PRECISION)
 @pass_options
 def rank_cmd(opts: Options, run: Path, **kw: Any) -> None:
@@ -1092,6 +1106,7 @@ def _print_ranking(result: dict[str, Any]) -> None:
     help="Morphology readout (needs cell images with nucleus/actin/spots channels).",
 )
 @_gain_margin_option()
+@_inversion_option()
 @_precision_option(_DECODE_PRECISION)
 @pass_options
 def explain_cmd(opts: Options, run: Path, **kw: Any) -> None:
@@ -1161,6 +1176,7 @@ def explain_cmd(opts: Options, run: Path, **kw: Any) -> None:
     "side-by-side table, e.g. paper=runs/demo_paper. Repeatable.",
 )
 @_gain_margin_option()
+@_inversion_option()
 @_precision_option(_DECODE_PRECISION)
 @pass_options
 def evaluate_cmd(
@@ -1235,6 +1251,7 @@ def baseline() -> None:
     show_default=True,
     help="Render the directions like DiffEx's (strips, curves, morphology).",
 )
+@_inversion_option()
 @_precision_option(_DECODE_PRECISION)
 @pass_options
 def baseline_gcd(
@@ -1256,7 +1273,12 @@ def baseline_gcd(
     search = GCDConfig(samples=samples, rounds=rounds, seed=opts.seed)
     gcd_run(run, GCDRunConfig(**kw, search=search, seed=opts.seed), device)
     if explain:
-        settings = ExplainConfig(reference=False, seed=opts.seed, precision=kw["precision"])
+        settings = ExplainConfig(
+            reference=False,
+            seed=opts.seed,
+            precision=kw["precision"],
+            inversion_refine=kw["inversion_refine"],
+        )
         explain_run(run, settings, device, method="gcd")
     click.echo(f"gcd: {run / 'baselines' / 'gcd'}")
 
@@ -1323,6 +1345,11 @@ def report(run: Path, out: Path | None) -> None:
 )
 @_shared_option("z_norm", None, Z_NORM_HELP + "  [default: the preset's choice]")
 @_shared_option("gain_margin", None, GAIN_MARGIN_HELP + " Rank, explain and evaluate.")
+@_shared_option(
+    "inversion_refine",
+    None,
+    INVERSION_REFINE_HELP + f" Rank, explain and evaluate [default: {INVERSION_REFINE}].",
+)
 @_shared_option("axis_invariance", None, AXIS_INVARIANCE_HELP + "  [default: the preset's, 0]")
 @_shared_option(
     "classifier_output",
@@ -1344,6 +1371,7 @@ def demo(
     until: str,
     z_norm: bool | None,
     gain_margin: float | None,
+    inversion_refine: int | None,
     axis_invariance: float | None,
     classifier_output: str | None,
     span: float | None,
@@ -1376,6 +1404,12 @@ def demo(
             ("--axis-invariance", axis_invariance, ("autoencoder",), "axis_invariance"),
             ("--classifier-output", classifier_output, ("autoencoder",), "classifier_output"),
             ("--gain-margin", gain_margin, ("rank", "explain", "evaluate"), "gain_margin"),
+            (
+                "--inversion-refine",
+                inversion_refine,
+                ("rank", "explain", "evaluate"),
+                "inversion_refine",
+            ),
             ("--span", span, ("directions",), "span"),
             ("--hold-area", hold_area, ("directions",), "hold_area"),
             ("--z-norm", z_norm, ("autoencoder",), "z_norm"),

@@ -172,8 +172,8 @@ def _stage_marker(out: Path, stage: str) -> Path:
 #: ``attention`` used the preset's; a directions stage recorded without ``restarts`` trained
 #: one set, in fp32, without ``signs`` or ``reverse`` at +alpha only, without ``span``
 #: unconstrained and without ``hold_area`` holding no area; rank, explain and
-#: evaluate recorded without ``precision`` decoded in fp32 and without ``gain_margin`` left the
-#: UNet's z gains unbounded.
+#: evaluate recorded without ``precision`` decoded in fp32, without ``gain_margin`` left the
+#: UNet's z gains unbounded and without ``inversion_refine`` inverted plainly.
 LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
     "classifier": {"gain_sd": 0.0, "stem_stride": None},
     "autoencoder": {
@@ -192,7 +192,7 @@ LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
         "hold_area": "off",
     },
     **{
-        stage: {"precision": "fp32", "gain_margin": None}
+        stage: {"precision": "fp32", "gain_margin": None, "inversion_refine": 0}
         for stage in ("rank", "explain", "evaluate")
     },
 }

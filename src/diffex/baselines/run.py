@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from diffex.baselines.gcd import GCDConfig, line_search, search
+from diffex.config import INVERSION_REFINE, check_inversion_refine
 from diffex.data.loading import DataPlan, load_split
 from diffex.errors import DiffexError
 from diffex.evaluate.counterfactual import effect
@@ -47,9 +48,12 @@ class GCDRunConfig:
     seed: int = 0
     #: auto, fp32 or bf16 DDIM inversion and decoding, as rank and explain (runtime.PRECISIONS).
     precision: str = "auto"
+    #: Fixed-point refinement of the DDIM inversion, as rank and explain (0: plain).
+    inversion_refine: int = INVERSION_REFINE
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        check_inversion_refine(self.inversion_refine)
         if self.source_images < 1 or self.m < 1 or self.n_images < 1 or self.ddim_steps < 1:
             raise DiffexError("gcd: source_images, m, n_images and ddim_steps must be >= 1")
 
@@ -73,7 +77,9 @@ def gcd_run(run: str | Path, cfg: GCDRunConfig, device: torch.device) -> dict[st
     rd = RunDir(run)
     plan = rd.load_plan()
     target = resolve_target(plan, cfg.target)
-    ae = load_autoencoder(run, device, precision=cfg.precision)
+    ae = load_autoencoder(
+        run, device, precision=cfg.precision, inversion_refine=cfg.inversion_refine
+    )
     info("gcd: fitting the latent space on training latents")
     space = fit_space(ae, plan).to(device)
     probs = prober(ae)
@@ -148,6 +154,7 @@ def gcd_run(run: str | Path, cfg: GCDRunConfig, device: torch.device) -> dict[st
         "n_images": len(x),
         "ddim_steps": steps,
         "precision": ae.decode_precision,
+        "inversion": ae.inversion,
         "source_classes": [c for i, c in enumerate(plan.classes) if i != target],
         "distance": DISTANCE,
         "directions": ranked,

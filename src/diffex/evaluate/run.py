@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffex.config import INVERSION_REFINE, check_inversion_refine
 from diffex.data.loading import DataPlan, SplitData, crop_resize, load_split
 from diffex.data.spec import SynthSpec, load_spec
 from diffex.data.synth import GENERATOR
@@ -52,7 +53,9 @@ class EvaluateConfig:
     ``precision``: auto, fp32 or bf16 DDIM decodes (the UNet under bf16 autocast; ``auto``:
     where the hardware has native bf16); the classifier, measurements and statistics stay fp32.
     ``gain_margin``: bound the UNet's z gains to their range over the training images, widened
-    by this share of it (None: unbounded; BENCHMARKS: "Gains bounded to the data")."""
+    by this share of it (None: unbounded; BENCHMARKS: "Gains bounded to the data").
+    ``inversion_refine``: fixed-point refinement of the DDIM inversion (0: plain; BENCHMARKS:
+    "Exact inversion")."""
 
     n_images: int = 64
     ddim_steps: int = 20
@@ -66,10 +69,12 @@ class EvaluateConfig:
     seed: int = 0
     precision: str = "auto"
     gain_margin: float | None = None
+    inversion_refine: int = INVERSION_REFINE
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
         check_gain_margin(self.gain_margin)
+        check_inversion_refine(self.inversion_refine)
         for name in ("n_images", "ddim_steps", "batch_size", "cout_steps", "kid_subsets"):
             if getattr(self, name) < 1:
                 raise DiffexError(f"evaluate: {name} must be >= 1, got {getattr(self, name)}")
@@ -234,7 +239,13 @@ def evaluate_run(
     for other in (compare or {}).values():  # before any work, so a bad --compare loses nothing
         check_comparable(rd.root, Path(other))
     dset = load_direction_set(run, method, device)
-    ae = load_autoencoder(run, device, precision=cfg.precision, gain_margin=cfg.gain_margin)
+    ae = load_autoencoder(
+        run,
+        device,
+        precision=cfg.precision,
+        gain_margin=cfg.gain_margin,
+        inversion_refine=cfg.inversion_refine,
+    )
     target = dset.target
     space = dset.space
     out_dir = dset.folder / "evaluation"
@@ -245,6 +256,7 @@ def evaluate_run(
         "alpha": float(dset.ranking["alpha"]),
         "config": asdict(cfg),
         "precision": ae.decode_precision,
+        "inversion": ae.inversion,
     }
     split = heldout_split(plan)
     held = load_split(plan, split)  # fidelity, source cells and real target cells all come from it

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from diffex.config import INVERSION_REFINE, check_inversion_refine
 from diffex.data.loading import DataPlan, SplitData, load_split
 from diffex.data.measure import CIRCULAR, MEASUREMENTS, measure_batch, measure_real
 from diffex.errors import DiffexError
@@ -48,7 +49,9 @@ class ExplainConfig:
     ``precision``: auto, fp32 or bf16 DDIM decodes (the UNet under bf16 autocast; ``auto``:
     where the hardware has native bf16); the classifier, measurements and statistics stay fp32.
     ``gain_margin``: bound the UNet's z gains to their range over the training images, widened
-    by this share of it (None: unbounded; BENCHMARKS: "Gains bounded to the data")."""
+    by this share of it (None: unbounded; BENCHMARKS: "Gains bounded to the data").
+    ``inversion_refine``: fixed-point refinement of the DDIM inversion (0: plain; BENCHMARKS:
+    "Exact inversion")."""
 
     n_cells: int = 24
     n_strip: int = 6
@@ -60,10 +63,12 @@ class ExplainConfig:
     seed: int = 0
     precision: str = "auto"
     gain_margin: float | None = None
+    inversion_refine: int = INVERSION_REFINE
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
         check_gain_margin(self.gain_margin)
+        check_inversion_refine(self.inversion_refine)
         if self.n_alphas < 3 or self.n_alphas % 2 == 0:
             raise DiffexError(f"n_alphas must be odd and >= 3 (it includes 0), got {self.n_alphas}")
         if self.n_cells < 2:
@@ -154,7 +159,9 @@ def explain_run(
     rd = RunDir(run)
     plan = rd.load_plan()
     dset = load_direction_set(run, method, device, reference=cfg.reference)
-    ae = load_autoencoder(run, device, precision=cfg.precision)
+    ae = load_autoencoder(
+        run, device, precision=cfg.precision, inversion_refine=cfg.inversion_refine
+    )
     # The training latents bound the data for the past-the-data marks and, with a margin, the
     # z gains: encoded once for both.
     z_train = semantic_latents(ae, load_split(plan, "train").x)
@@ -180,6 +187,7 @@ def explain_run(
         "alphas": (float(dset.ranking["alpha"]) * np.linspace(-1, 1, cfg.n_alphas)).tolist(),
         "n_cells": len(x),
         "precision": ae.decode_precision,
+        "inversion": ae.inversion,
         "spot_floor": spot_floor,
         "items": [],
     }

@@ -2,8 +2,8 @@
 
 Ranking, calibration, explanations, the evaluation and the GCD baseline all invert images with
 the same autoencoder; the test-split source images they share are inverted once per number of
-DDIM steps and decode precision. The cache belongs to one autoencoder and one data plan (their
-digests are stored beside it) and is rebuilt when either changes.
+DDIM steps, decode precision and inversion method. The cache belongs to one autoencoder and one
+data plan (their digests are stored beside it) and is rebuilt when either changes.
 """
 
 from __future__ import annotations
@@ -20,11 +20,17 @@ from diffex.rundir import RunDir
 from diffex.train.resume import file_digest, weights_digest
 
 
-def cache_paths(rd: RunDir, steps: int, precision: str = "fp32") -> tuple[Path, Path]:
+def cache_paths(
+    rd: RunDir, steps: int, precision: str = "fp32", inversion: str = "plain"
+) -> tuple[Path, Path]:
     """The tensors and the index of the cache for ``steps`` DDIM steps inverted in
     ``precision`` (the autoencoder's ``decode_precision``: a bf16 inversion is not the fp32
-    one, and a stage decodes from the x_T of its own precision)."""
-    stem = rd.root / "cache" / f"latents_{steps}steps_{precision}"
+    one, and a stage decodes from the x_T of its own precision) by ``inversion`` (the
+    autoencoder's ``inversion``: plain or fixed-point refined)."""
+    name = f"latents_{steps}steps_{precision}"
+    if inversion != "plain":
+        name += f"_{inversion}"
+    stem = rd.root / "cache" / name
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
@@ -46,7 +52,7 @@ def encode_cached(
     if len(keys) != len(x):
         raise DiffexError(f"encode_cached: {len(keys)} keys for {len(x)} images")
     rd = RunDir(run)
-    tensors_path, index_path = cache_paths(rd, steps, ae.decode_precision)
+    tensors_path, index_path = cache_paths(rd, steps, ae.decode_precision, ae.inversion)
     owner = _owner(rd)
     known: list[str] = []
     z_all = xt_all = None
@@ -73,7 +79,10 @@ def encode_cached(
             position[k] = len(known) + j
         known += new_keys
         save_weights(tensors_path, {"z": z_all, "x_T": xt_all})
-        write_json(index_path, {"owner": owner, "steps": steps, "keys": known})
+        write_json(
+            index_path,
+            {"owner": owner, "steps": steps, "inversion": ae.inversion, "keys": known},
+        )
     assert z_all is not None and xt_all is not None
     rows = torch.tensor([position[k] for k in keys], dtype=torch.long)
     return z_all[rows].to(x.device), xt_all[rows].to(x.device)

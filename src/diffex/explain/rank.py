@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffex.config import INVERSION_REFINE, check_inversion_refine
 from diffex.data.loading import DataPlan, SplitData, load_split
 from diffex.errors import DiffexError
 from diffex.evaluate.counterfactual import effect
@@ -40,7 +41,9 @@ class RankConfig:
     ``precision``: auto, fp32 or bf16 DDIM decodes (the UNet under bf16 autocast; ``auto``:
     where the hardware has native bf16); the classifier, measurements and statistics stay fp32.
     ``gain_margin``: bound the UNet's z gains to their range over the training images, widened
-    by this share of it (None: unbounded; BENCHMARKS: "Gains bounded to the data")."""
+    by this share of it (None: unbounded; BENCHMARKS: "Gains bounded to the data").
+    ``inversion_refine``: fixed-point refinement of the DDIM inversion (0: plain; BENCHMARKS:
+    "Exact inversion")."""
 
     target: str | None = None
     alpha: float | None = None
@@ -60,10 +63,12 @@ class RankConfig:
     seed: int = 0
     precision: str = "auto"
     gain_margin: float | None = None
+    inversion_refine: int = INVERSION_REFINE
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
         check_gain_margin(self.gain_margin)
+        check_inversion_refine(self.inversion_refine)
         if self.flip_target is not None and not 0 < self.flip_target <= 1:
             raise DiffexError(f"flip_target must be in (0, 1], got {self.flip_target}")
         if min(self.calibration_images, self.calibration_steps, self.calibration_ddim_steps) < 1:
@@ -162,7 +167,13 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
     rd = RunDir(run)
     plan = rd.load_plan()
     target = resolve_target(plan, cfg.target)
-    ae = load_autoencoder(run, device, precision=cfg.precision, gain_margin=cfg.gain_margin)
+    ae = load_autoencoder(
+        run,
+        device,
+        precision=cfg.precision,
+        gain_margin=cfg.gain_margin,
+        inversion_refine=cfg.inversion_refine,
+    )
     editor = load_editor(run, device)
     dcfg = read_json(rd.stage("directions") / "config.json")
     alpha = float(cfg.alpha if cfg.alpha is not None else dcfg["train"]["alpha"])
@@ -242,6 +253,7 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
         "n_images": len(x),
         "ddim_steps": cfg.ddim_steps,
         "precision": ae.decode_precision,
+        "inversion": ae.inversion,
         "source_classes": [c for i, c in enumerate(plan.classes) if i != target],
         "directions": ranked_dicts,
         "stop_reason": ranked.stop_reason,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffex.config import build
+from diffex.config import INVERSION_REFINE, INVERSION_TOL, build
 from diffex.diffusion import (
     Progress,
     Schedule,
@@ -203,6 +203,11 @@ class DiffusionAutoencoder(nn.Module):
         )
         #: Run the UNet of encode/decode under bf16 autocast (the DDIM state stays fp32).
         self.decode_bf16 = False
+        #: Fixed-point refinement of DDIM inversion: at most this many extra UNet calls per level,
+        #: stopping a sample once its largest pixel change is below ``inversion_tol``
+        #: (:func:`diffex.diffusion.ddim_encode`); 0 is the plain one-call inversion.
+        self.inversion_refine = INVERSION_REFINE
+        self.inversion_tol = INVERSION_TOL
 
     # ------------------------------------------------------------------ classifier plumbing
     @property
@@ -264,6 +269,13 @@ class DiffusionAutoencoder(nn.Module):
             return self.eps(x_t, t, z).float()  # v -> eps in fp32: x_t is fp32, bf16 promotes
 
     @property
+    def inversion(self) -> str:
+        """How encode inverts: ``plain`` or ``fp{refine}-{tol}`` (in the latent cache's name)."""
+        if not self.inversion_refine:
+            return "plain"
+        return f"fp{self.inversion_refine}-{self.inversion_tol:g}"
+
+    @property
     def decode_precision(self) -> str:
         """``bf16`` or ``fp32``: what the UNet of encode/decode runs in."""
         return "bf16" if self.decode_bf16 else "fp32"
@@ -288,7 +300,8 @@ class DiffusionAutoencoder(nn.Module):
         batch_size: int | None = None,
         progress: Progress | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """(z_sem, x_T): semantic latent and deterministic DDIM inversion of x in [-1, 1].
+        """(z_sem, x_T): semantic latent and deterministic DDIM inversion of x in [-1, 1],
+        refined by fixed-point iteration as ``inversion_refine`` / ``inversion_tol`` say.
 
         Runs in eval mode under ``torch.inference_mode`` in chunks of ``batch_size``; results are
         ordinary tensors on x's device.
@@ -299,7 +312,18 @@ class DiffusionAutoencoder(nn.Module):
                 chunk = chunk.to(self.device, self._dtype())
                 z = self.semantic(chunk)
                 zs.append(z)
-                xts.append(ddim_encode(self._eps_fn, chunk, steps, self.schedule, z, progress))
+                xts.append(
+                    ddim_encode(
+                        self._eps_fn,
+                        chunk,
+                        steps,
+                        self.schedule,
+                        z,
+                        progress,
+                        refine=self.inversion_refine,
+                        tol=self.inversion_tol,
+                    )
+                )
         return torch.cat(zs).to(x.device), torch.cat(xts).to(x.device)
 
     def decode(

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffex.config import INVERSION_REFINE, check_inversion_refine
 from diffex.data.loading import DataPlan, load_split
 from diffex.errors import DiffexError
 from diffex.evaluate.fidelity import classifier_agreement, pixel_metrics
@@ -293,6 +294,7 @@ def evaluate_autoencoder(
         "n_images": len(y),
         "ddim_steps": steps,
         "precision": model.decode_precision,
+        "inversion": model.inversion,
     }
     for name, copy in (("roundtrip", recon), ("semantic_only", zonly)):
         m = pixel_metrics(x, copy)
@@ -324,6 +326,7 @@ def load_autoencoder(
     classifier: Classifier | None = None,
     precision: str = "fp32",
     gain_margin: float | None = None,
+    inversion_refine: int = INVERSION_REFINE,
 ) -> DiffusionAutoencoder:
     """Load a run's trained autoencoder (EMA weights) with its classifier, in eval mode.
 
@@ -331,7 +334,8 @@ def load_autoencoder(
     under autocast (``auto``: where the hardware has native bf16); the DDIM state, the encoder
     and the classifier stay fp32. ``gain_margin``: bound the UNet's z gains to their range over
     the run's training images (:meth:`diffex.models.unet.UNet.limit_z_gains`); None leaves them
-    free."""
+    free. ``inversion_refine``: fixed-point refinement of its DDIM inversion (0: plain)."""
+    check_inversion_refine(inversion_refine)
     rd = RunDir(run)
     folder = rd.require("autoencoder")
     cfg = load_config(folder)
@@ -343,6 +347,7 @@ def load_autoencoder(
     load_state(model, folder / "model.safetensors")
     model.to(device).eval()
     model.decode_bf16 = resolve_precision(precision, device) == "bf16"
+    model.inversion_refine = inversion_refine
     to_channels_last(model.encoder, device)
     to_channels_last(model.unet, device)
     if gain_margin is not None:
