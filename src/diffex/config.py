@@ -19,14 +19,6 @@ T = TypeVar("T")
 #: 48 dB at 20 steps for about 3.4 times the encoding calls.
 INVERSION_REFINE = 10
 INVERSION_TOL = 1e-2
-
-
-def check_inversion_refine(refine: int) -> None:
-    """Inversion refinement is a count of extra model calls per level: >= 0."""
-    if not isinstance(refine, int) or refine < 0:
-        raise DiffexError(f"inversion_refine must be an integer >= 0, got {refine!r}")
-
-
 _MISSING = dataclasses.MISSING
 
 

@@ -274,8 +274,9 @@ def _fixed_point(
     active = torch.arange(x.shape[0], device=x.device)
     for _ in range(iters):
         c = cond[active] if cond is not None else None
-        new = a * x_prev[active] + b * eps_fn(x[active], t[active], c).to(x.dtype)
-        change = (new - x[active]).abs().flatten(1).amax(dim=1)
+        cur = x[active]
+        new = a * x_prev[active] + b * eps_fn(cur, t[active], c).to(x.dtype)
+        change = (new - cur).abs().flatten(1).amax(dim=1)
         x[active] = new
         active = active[change >= tol]
         if active.numel() == 0:

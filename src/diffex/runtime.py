@@ -75,6 +75,13 @@ def check_gain_margin(margin: float | None) -> None:
         raise DiffexError(f"gain_margin must be >= 0 (or None: gains unbounded), got {margin}")
 
 
+def check_inversion_refine(refine: int) -> None:
+    """Inversion refinement (:func:`diffex.diffusion.ddim_encode`) is a count of extra model
+    calls per level: an integer >= 0."""
+    if not isinstance(refine, int) or refine < 0:
+        raise DiffexError(f"inversion_refine must be an integer >= 0, got {refine!r}")
+
+
 def check_precision(choice: str) -> None:
     """A one-line error for a precision setting other than auto, fp32 or bf16."""
     if choice not in PRECISIONS:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from diffex.baselines.gcd import GCDConfig, line_search, search
-from diffex.config import INVERSION_REFINE, check_inversion_refine
+from diffex.config import INVERSION_REFINE
 from diffex.data.loading import DataPlan, load_split
 from diffex.errors import DiffexError
 from diffex.evaluate.counterfactual import effect
@@ -24,7 +24,7 @@ from diffex.log import info, track
 from diffex.models.autoencoder import DiffusionAutoencoder
 from diffex.models.directions import LatentSpace
 from diffex.rundir import RunDir
-from diffex.runtime import check_precision
+from diffex.runtime import check_inversion_refine, check_precision
 from diffex.train.autoencoder import load_autoencoder
 from diffex.train.directions import semantic_latents
 

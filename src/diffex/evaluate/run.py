@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffex.config import INVERSION_REFINE, check_inversion_refine
+from diffex.config import INVERSION_REFINE
 from diffex.data.loading import DataPlan, SplitData, crop_resize, load_split
 from diffex.data.spec import SynthSpec, load_spec
 from diffex.data.synth import GENERATOR
@@ -38,7 +38,7 @@ from diffex.io.atomic import read_json, write_json
 from diffex.log import info, track, warn
 from diffex.models.autoencoder import DiffusionAutoencoder
 from diffex.rundir import RunDir
-from diffex.runtime import check_gain_margin, check_precision
+from diffex.runtime import check_gain_margin, check_inversion_refine, check_precision
 from diffex.train.autoencoder import load_autoencoder
 from diffex.train.resume import file_digest
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from diffex.config import INVERSION_REFINE, check_inversion_refine
+from diffex.config import INVERSION_REFINE
 from diffex.data.loading import DataPlan, SplitData, load_split
 from diffex.data.measure import CIRCULAR, MEASUREMENTS, measure_batch, measure_real
 from diffex.errors import DiffexError
@@ -38,7 +38,7 @@ from diffex.log import info, track, warn
 from diffex.models.autoencoder import DiffusionAutoencoder
 from diffex.models.directions import LatentSpace
 from diffex.rundir import RunDir
-from diffex.runtime import check_gain_margin, check_precision
+from diffex.runtime import check_gain_margin, check_inversion_refine, check_precision
 from diffex.train.autoencoder import bound_gains, load_autoencoder, semantic_latents
 
 

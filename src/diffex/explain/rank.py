@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffex.config import INVERSION_REFINE, check_inversion_refine
+from diffex.config import INVERSION_REFINE
 from diffex.data.loading import DataPlan, SplitData, load_split
 from diffex.errors import DiffexError
 from diffex.evaluate.counterfactual import effect
@@ -29,7 +29,7 @@ from diffex.log import info, warn
 from diffex.models.autoencoder import DiffusionAutoencoder
 from diffex.models.directions import LatentEditor
 from diffex.rundir import RunDir
-from diffex.runtime import check_gain_margin, check_precision
+from diffex.runtime import check_gain_margin, check_inversion_refine, check_precision
 from diffex.train.autoencoder import load_autoencoder
 from diffex.train.directions import direction_sets, load_editor
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffex.config import INVERSION_REFINE, check_inversion_refine
+from diffex.config import INVERSION_REFINE
 from diffex.data.loading import DataPlan, load_split
 from diffex.errors import DiffexError
 from diffex.evaluate.fidelity import classifier_agreement, pixel_metrics
@@ -22,7 +22,12 @@ from diffex.models.protocol import Classifier
 from diffex.report.grids import reconstruction_grid
 from diffex.report.plots import training_curve
 from diffex.rundir import RunDir
-from diffex.runtime import check_precision, resolve_precision, to_channels_last
+from diffex.runtime import (
+    check_inversion_refine,
+    check_precision,
+    resolve_precision,
+    to_channels_last,
+)
 from diffex.train.classifier import augment_batch, check_gain_sd, gain_batch, load_classifier
 from diffex.train.distributed import rank, training_pool
 from diffex.train.loop import EpochSampler, LoopConfig, run_loop
