@@ -285,6 +285,25 @@ def test_decode_precision_is_recorded_and_validated(demo_run: Path) -> None:
             config(precision="fp16")
 
 
+def test_inversion_refinement_is_validated(tmp_path: Path, capsys) -> None:
+    """A refinement that is not an integer >= 0 is a one-line error: a DiffexError from every
+    stage's settings, and exit code 2 from every command that takes the flag."""
+    from diffex.baselines.run import GCDRunConfig
+    from diffex.errors import DiffexError
+    from diffex.evaluate.run import EvaluateConfig
+    from diffex.explain.explain import ExplainConfig
+    from diffex.explain.rank import RankConfig
+
+    for config in (RankConfig, ExplainConfig, EvaluateConfig, GCDRunConfig):
+        for bad in (-1, 1.5):
+            with pytest.raises(DiffexError, match="inversion_refine must be an integer >= 0"):
+                config(inversion_refine=bad)
+    for command in (["rank"], ["explain"], ["evaluate"], ["baseline", "gcd"]):
+        args = ["--device", "cpu", *command, "--run", str(tmp_path), "--inversion-refine", "-1"]
+        assert main(args) == 2
+        assert "--inversion-refine" in capsys.readouterr().err
+
+
 def test_explanations_record_their_imaging_drift(demo_run: Path) -> None:
     """Each explanation records which imaging measurements follow alpha along its sweep, as
     :func:`diffex.explain.guard.imaging_drift` reads them off its own morphology rows, and the
