@@ -64,6 +64,15 @@ def test_cache_reuses_encodings_and_knows_its_owner(demo_run: Path, tmp_path: Pa
     ae.inversion_refine = INVERSION_REFINE
     encode_cached(ae, run, x, keys, steps=4)
     assert calls == [5, 1, 5, 5, 5]
+    assert refined.name == f"latents_4steps_fp32_{ae.inversion}.safetensors"  # the whole tol
+    tol = ae.inversion_tol
+    ae.inversion_tol = tol / 3  # another tolerance: its own cache, never the other's x_T
+    encode_cached(ae, run, x, keys, steps=4)
+    assert calls == [5, 1, 5, 5, 5, 5] and refined.is_file()
+    assert cache_paths(rd, 4, "fp32", ae.inversion)[0] != refined
+    ae.inversion_tol = tol
+    calls.clear()
+    calls += [5, 1, 5, 5, 5]
 
     # another data plan (here: the same plan rewritten) means other images: start again
     plan_text = json.loads(rd.data_plan.read_text())

@@ -30,8 +30,8 @@ def cache_paths(
     name = f"latents_{steps}steps_{precision}"
     if inversion != "plain":
         name += f"_{inversion}"
-    stem = rd.root / "cache" / name
-    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    folder = rd.root / "cache"  # not with_suffix: it would cut "fp10-0.01" at its dot
+    return folder / f"{name}.safetensors", folder / f"{name}.json"
 
 
 def _owner(rd: RunDir) -> dict[str, str]:
@@ -59,7 +59,11 @@ def encode_cached(
     if tensors_path.is_file() and index_path.is_file():
         try:
             index = read_json(index_path)
-            if isinstance(index, dict) and index.get("owner") == owner:
+            if (
+                isinstance(index, dict)
+                and index.get("owner") == owner
+                and index.get("inversion", "plain") == ae.inversion
+            ):
                 stored = load_weights(tensors_path)
                 z_all, xt_all = stored["z"], stored["x_T"]
                 known = list(index["keys"])
