@@ -168,6 +168,10 @@ def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
             "reverse": 0.0,
             "span": None,
             "hold_area": "off",
+            "t_edit_max": None,
+            "decoded_invariance": 0.0,
+            "decoded_steps": 4,
+            "decoded_images": 2,
         },
         # rank's own legacy settings: fp32 decodes, unbounded gains, plain inversion
         "rank": {"m": 3, "precision": "fp32", "gain_margin": None, "inversion_refine": 0},
@@ -177,7 +181,14 @@ def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
     for precision in ("bf16", "auto"):
         moved = {**now["directions"], "precision": precision}
         assert not _done(tmp_path, "rank", {**now, "directions": moved})
-    later_settings = ({"signs": "both"}, {"reverse": 1.0}, {"span": 0.999}, {"hold_area": "auto"})
+    later_settings = (
+        {"signs": "both"},
+        {"reverse": 1.0},
+        {"span": 0.999},
+        {"hold_area": "auto"},
+        {"t_edit_max": 800},
+        {"decoded_invariance": 1.0},
+    )
     for later in later_settings:  # added after restarts
         assert not _done(tmp_path, "rank", {**now, "directions": {**now["directions"], **later}})
     assert not _done(tmp_path, "rank", {**now, "rank": {**now["rank"], "m": 4}})
@@ -354,9 +365,9 @@ def test_demo_options_reach_the_stage_configs(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """``demo --z-norm --axis-invariance W --gain-margin M`` change the autoencoder's and the
-    decoding stages' settings of the preset and nothing else, ``--span`` and ``--hold-area``
-    the directions stage's, ``--classifier-output`` the autoencoder's; without them the
-    preset runs."""
+    decoding stages' settings of the preset and nothing else, ``--span``, ``--hold-area``,
+    ``--t-edit-max``, ``--decoded-invariance`` and ``--alpha`` the directions stage's,
+    ``--classifier-output`` the autoencoder's; without them the preset runs."""
     import diffex.pipeline as pipeline
 
     seen: list[pipeline.DemoConfig] = []
@@ -372,7 +383,9 @@ def test_demo_options_reach_the_stage_configs(
     assert main([*base, "--span", "0.99", "--hold-area", "on", "--no-z-norm"]) == 0
     assert main([*base, "--classifier-output", "features"]) == 0
     assert main([*base, "--inversion-refine", "0"]) == 0
-    plain, moved, held, featured, plain_inversion = seen
+    args = ["--decoded-invariance", "1.0", "--alpha", "3.5", "--t-edit-max", "800"]
+    assert main([*base, *args]) == 0
+    plain, moved, held, featured, plain_inversion, decoded = seen
     assert plain == pipeline.demo_preset("quick")
     assert plain.autoencoder.axis_invariance == 0.0 and not plain.autoencoder.z_norm
     assert moved.autoencoder.axis_invariance == 0.03 and moved.autoencoder.z_norm
@@ -391,7 +404,14 @@ def test_demo_options_reach_the_stage_configs(
     assert all(getattr(plain_inversion, s).inversion_refine == 0 for s in stages)
     assert plain_inversion.autoencoder == plain.autoencoder
     assert plain_inversion.preset == "quick with --inversion-refine 0"
+    assert decoded.directions == replace(
+        plain.directions, decoded_invariance=1.0, alpha=3.5, t_edit_max=800
+    )
+    assert decoded.autoencoder == plain.autoencoder and decoded.rank == plain.rank
+    assert decoded.preset == "quick with --t-edit-max 800, --alpha 3.5, --decoded-invariance 1.0"
     assert main([*base, "--inversion-refine", "-1"]) == 2
+    assert main([*base, "--decoded-invariance", "-1"]) == 2
+    assert main([*base, "--alpha", "0"]) == 2
     assert main([*base, "--classifier-output", "softmax"]) == 2
     assert main([*base, "--axis-invariance", "-1"]) == 2
 

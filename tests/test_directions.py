@@ -25,6 +25,7 @@ from diffex.models.directions import (
 from diffex.train.directions import (
     DirectionTrainConfig,
     DirectionTrainer,
+    decoded_penalty,
     direction_sets,
     edit_features,
     one_step_x0,
@@ -336,3 +337,96 @@ def test_train_directions_holding_the_area(demo_run, tmp_path) -> None:
     assert metrics["area_separation"] >= 0
     assert read_json(run / "directions" / "config.json")["train"]["hold_area"] == "on"
     assert main([*args[:-1], "sometimes"]) == 2
+
+
+def test_t_edit_max_draws_each_images_noise_level_in_its_range() -> None:
+    """With ``t_edit_max`` every image's edits (and its unedited decode) are decoded from one
+    level drawn in ``t_edit .. t_edit_max``, not all from ``t_edit``; without it, all are."""
+    ae, x, z, trainer, _ = _global_pair()
+    seen: list[torch.Tensor] = []
+    real = ae.x0_estimate
+
+    def spy(x_t: torch.Tensor, t: torch.Tensor, zz: torch.Tensor) -> torch.Tensor:
+        seen.append(t.clone())
+        return real(x_t, t, zz)
+
+    ae.x0_estimate = spy  # type: ignore[method-assign]
+    gen = torch.Generator().manual_seed(3)
+    edit_features(trainer, ae, "classifier", z, x, 0.5, 50, gen, t_edit_max=90)
+    edits, base = seen
+    assert int(base.min()) >= 50 and int(base.max()) <= 90 and len(set(base.tolist())) > 1
+    assert torch.equal(edits, base.repeat(3))  # the K edits of an image share its level
+    seen.clear()
+    edit_features(trainer, ae, "classifier", z, x, 0.5, 50, gen)
+    assert all(set(t.tolist()) == {50} for t in seen)
+    with pytest.raises(DiffexError, match="t_edit_max must lie above t_edit"):
+        DirectionTrainConfig(t_edit=400, t_edit_max=400)
+    with pytest.raises(DiffexError, match="t_edit must be"):
+        DirectionTrainConfig(t_edit=-1)
+
+
+def test_train_directions_refuses_a_level_past_the_schedule(demo_run, tmp_path) -> None:
+    """``train-directions --t-edit-max`` past the autoencoder's noise levels, or not above
+    t_edit, exits 2 with a one-line error before any training."""
+    import shutil
+
+    from diffex.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("directions", "cache"))
+    args = ["--device", "cpu", "train-directions", "--run", str(run), "--k", "2"]
+    args += ["--steps", "1", "--batch-size", "2", "--restarts", "1"]
+    assert main([*args, "--t-edit-max", "1000"]) == 2
+    assert main([*args, "--t-edit-max", "300"]) == 2
+    assert not (run / "directions" / "model.safetensors").exists()
+    assert main([*args, "--t-edit-max", "800"]) == 0
+    from diffex.io.atomic import read_json
+
+    assert read_json(run / "directions" / "config.json")["train"]["t_edit_max"] == 800
+
+
+def test_decoded_penalty_is_zero_for_no_edit_and_trains_the_directions() -> None:
+    """The decoded invariance penalty compares full decodes of the edits with the unedited
+    decode of the same exact inversion: a vanishing edit costs nothing, a real one costs more
+    at twice the size, and its gradient reaches the direction models."""
+    from diffex.models.nuisance import natural_spread
+
+    ae, x, z, trainer, _ = _global_pair()
+    spread = natural_spread(x, 0)
+    grain = torch.tensor(0.01)
+
+    def pen(alpha: float) -> torch.Tensor:
+        return decoded_penalty(trainer.editor, ae, z[:2], x[:2], alpha, 3, spread, grain, 0)
+
+    assert pen(1e-7).item() < 1e-6
+    small, large = pen(0.5), pen(1.0)
+    assert 0 < small.item() < large.item()
+    large.backward()
+    grads = [p.grad for p in trainer.editor.directions.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+    with pytest.raises(DiffexError, match="decoded_invariance"):
+        DirectionTrainConfig(decoded_invariance=-1.0)
+    with pytest.raises(DiffexError, match="decoded_steps"):
+        DirectionTrainConfig(decoded_steps=0)
+    with pytest.raises(DiffexError, match="not paper"):
+        DirectionTrainConfig(objective="paper", decoded_invariance=0.5)
+
+
+def test_train_directions_with_the_decoded_penalty(demo_run, tmp_path) -> None:
+    """``train-directions --decoded-invariance`` trains with the decoded penalty, logs it and
+    records it; a bad weight exits 2."""
+    import shutil
+
+    from diffex.cli import main
+    from diffex.io.atomic import read_json
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("directions", "cache"))
+    args = ["--device", "cpu", "train-directions", "--run", str(run), "--k", "2"]
+    args += ["--steps", "2", "--batch-size", "2", "--restarts", "1", "--decoded-steps", "2"]
+    assert main([*args, "--decoded-invariance", "-1"]) == 2
+    assert main([*args, "--decoded-invariance", "0.5"]) == 0
+    metrics = read_json(run / "directions" / "metrics.json")
+    assert all(row["decoded_invariance"] >= 0 for row in metrics["history"])
+    train = read_json(run / "directions" / "config.json")["train"]
+    assert train["decoded_invariance"] == 0.5 and train["decoded_steps"] == 2

@@ -7,6 +7,7 @@ import torch
 
 from diffex.models.nuisance import (
     background_mask,
+    background_noise,
     class_separation,
     invariance_penalty,
     names,
@@ -148,3 +149,21 @@ def test_class_separation_is_the_largest_mean_difference_in_pooled_sds() -> None
     # column 1: means 5, 7, 2, variances 0, 0, 2: pooled sd sqrt(2 / 3)
     assert float(sep[1]) == pytest.approx(5 / (2 / 3) ** 0.5, rel=1e-5)
     assert float(class_separation(values, torch.zeros(6, dtype=torch.long))[0]) == 0.0
+
+
+def test_background_noise_is_the_grain_on_the_background_only() -> None:
+    """Zero on a flat background whatever its level; for white noise of sd s it reads
+    s * sqrt(8/9) (each pixel's difference from its 3x3 mean), and a cell in the foreground,
+    outside the mask, does not count."""
+    g = torch.Generator().manual_seed(0)
+    flat = torch.full((2, 3, 48, 48), -0.8)
+    mask = torch.zeros(2, 1, 48, 48)
+    mask[:, :, :, :20] = 1.0
+    assert background_noise(flat, mask).abs().max() < 1e-5
+    sd = 0.05  # in [0, 1] units: 0.1 in [-1, 1]
+    noisy = flat + 2 * sd * torch.randn(flat.shape, generator=g)
+    got = background_noise(noisy, mask)
+    assert torch.allclose(got, torch.full((2,), sd * (8 / 9) ** 0.5), rtol=0.05)
+    with_cell = noisy.clone()
+    with_cell[:, :, 10:40, 24:44] = 0.9 * torch.rand(2, 3, 30, 20, generator=g)
+    assert torch.allclose(background_noise(with_cell, mask), got)

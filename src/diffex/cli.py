@@ -342,6 +342,17 @@ HOLD_AREA_HELP = (
     "or auto (only where the real classes do not differ in it, so that a phenotype of cell "
     "size stays findable)."
 )
+T_EDIT_MAX_HELP = (
+    "Draw each training image's noise level for the one-step decodes from 400 up to this "
+    "level (unset: always 400), so that the invariance penalty also sees what an edit does "
+    "at the noisier levels (measured at 800 on the fast preset: no change in the leaks; "
+    "BENCHMARKS: 'Decoded invariance')."
+)
+DECODED_INVARIANCE_HELP = (
+    "Weight of a second invariance penalty measured on full few-step decodes of edits from "
+    "the images' exact inversion, at +alpha and -alpha, which also holds the background's "
+    "grain (0 = off; BENCHMARKS: 'Decoded invariance')."
+)
 CLASSIFIER_OUTPUT_HELP = (
     "Which classifier output joins the encoder's w in z_sem: probs (the authors'), logits, "
     "or the penultimate features (BENCHMARKS: 'Conditioning on the classifier's features')."
@@ -367,6 +378,8 @@ SHARED_OPTIONS: dict[str, dict[str, Any]] = {
     "inversion_refine": {"decls": ("--inversion-refine",), "type": click.IntRange(min=0)},
     "span": {"decls": ("--span",), "type": click.FloatRange(min=0, max=1, min_open=True)},
     "hold_area": {"decls": ("--hold-area",), "type": click.Choice(HOLD_AREA_CHOICES)},
+    "t_edit_max": {"decls": ("--t-edit-max",), "type": click.IntRange(min=1)},
+    "decoded_invariance": {"decls": ("--decoded-invariance",), "type": click.FloatRange(min=0)},
     "axis_invariance": {"decls": ("--axis-invariance",), "type": click.FloatRange(min=0)},
     "z_norm": {"decls": ("--z-norm/--no-z-norm",)},
     "classifier_output": {  # models.autoencoder.CLASSIFIER_OUTPUTS (no torch import here)
@@ -923,6 +936,22 @@ def _print_autoencoder(metrics: dict[str, Any], run: Path) -> None:
 )
 @_shared_option("span", None, SPAN_HELP)
 @_shared_option("hold_area", "off", HOLD_AREA_HELP)
+@_shared_option("t_edit_max", None, T_EDIT_MAX_HELP)
+@_shared_option("decoded_invariance", 0.0, DECODED_INVARIANCE_HELP)
+@click.option(
+    "--decoded-steps",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="DDIM steps of the decoded invariance penalty's decodes.",
+)
+@click.option(
+    "--decoded-images",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Images per batch whose edits the decoded invariance penalty decodes.",
+)
 @_precision_option(
     f"auto: the one-step decodes under bf16 autocast {_NATIVE_BF16}, else fp32; features and "
     "losses stay fp32."
@@ -1360,6 +1389,19 @@ def report(run: Path, out: Path | None) -> None:
 @_shared_option(
     "hold_area", None, HOLD_AREA_HELP + " The directions stage [default: the preset's]."
 )
+@_shared_option("t_edit_max", None, T_EDIT_MAX_HELP + " The directions stage.")
+@click.option(
+    "--alpha",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Edit size in class gaps that the directions train at and the ranking starts from "
+    "[default: the preset's; 2.5 for default and fast].",
+)
+@_shared_option(
+    "decoded_invariance",
+    None,
+    DECODED_INVARIANCE_HELP + " The directions stage [default: the preset's].",
+)
 @_external_options
 @pass_options
 def demo(
@@ -1376,6 +1418,9 @@ def demo(
     classifier_output: str | None,
     span: float | None,
     hold_area: str | None,
+    t_edit_max: int | None,
+    decoded_invariance: float | None,
+    alpha: float | None,
     **kw: Any,
 ) -> None:
     """Run the whole pipeline and print where the results are.
@@ -1412,6 +1457,14 @@ def demo(
             ),
             ("--span", span, ("directions",), "span"),
             ("--hold-area", hold_area, ("directions",), "hold_area"),
+            ("--t-edit-max", t_edit_max, ("directions",), "t_edit_max"),
+            ("--alpha", alpha, ("directions",), "alpha"),
+            (
+                "--decoded-invariance",
+                decoded_invariance,
+                ("directions",),
+                "decoded_invariance",
+            ),
             ("--z-norm", z_norm, ("autoencoder",), "z_norm"),
         ],
     )

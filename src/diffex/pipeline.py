@@ -171,7 +171,8 @@ def _stage_marker(out: Path, stage: str) -> Path:
 #: an autoencoder recorded without ``z_norm`` conditioned on raw z_sem, and without
 #: ``attention`` used the preset's; a directions stage recorded without ``restarts`` trained
 #: one set, in fp32, without ``signs`` or ``reverse`` at +alpha only, without ``span``
-#: unconstrained and without ``hold_area`` holding no area; rank, explain and
+#: unconstrained, without ``hold_area`` holding no area, without ``t_edit_max`` at
+#: t_edit only and without ``decoded_invariance`` without that penalty; rank, explain and
 #: evaluate recorded without ``precision`` decoded in fp32, without ``gain_margin`` left the
 #: UNet's z gains unbounded and without ``inversion_refine`` inverted plainly.
 LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
@@ -190,6 +191,10 @@ LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
         "reverse": 0.0,
         "span": None,
         "hold_area": "off",
+        "t_edit_max": None,
+        "decoded_invariance": 0.0,
+        "decoded_steps": 4,
+        "decoded_images": 2,
     },
     **{
         stage: {"precision": "fp32", "gain_margin": None, "inversion_refine": 0}

@@ -119,6 +119,18 @@ def nucleus_plateau(u: Tensor, bg: Tensor) -> Tensor:
     return (above * inside).sum(1) / inside.sum(1).clamp_min(1.0)
 
 
+def background_noise(x: Tensor, mask: Tensor) -> Tensor:
+    """(N,) the grain of images ``x`` in [-1, 1] (N, C, H, W) on their background pixels
+    ``mask`` (N, 1, H, W): the root mean square over channels of each pixel's difference from
+    its 3x3 neighbourhood's mean, in [0, 1] units. A one-step estimate of x_0 is smooth, so this
+    is only meaningful on full decodes."""
+    u = (x.float() + 1.0) / 2.0
+    local = F.avg_pool2d(u, 3, stride=1, padding=1, count_include_pad=False)
+    high = (u - local) ** 2
+    area = (mask.sum((1, 2, 3)) * u.shape[1]).clamp_min(1.0)
+    return ((high * mask).sum((1, 2, 3)) / area).clamp_min(1e-12).sqrt()
+
+
 def real_statistics(
     x: Tensor,
     gain_channel: int | None = None,

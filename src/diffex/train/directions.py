@@ -11,12 +11,12 @@ from torch import Tensor, nn
 
 from diffex.config import build
 from diffex.data.loading import DataPlan, SplitData, load_split
-from diffex.diffusion import q_sample
+from diffex.diffusion import ddim_decode, ddim_encode, q_sample
 from diffex.errors import DiffexError
 from diffex.io.atomic import write_json
 from diffex.io.checkpoint import load_config, load_state, save_module
 from diffex.log import info
-from diffex.models.autoencoder import DiffusionAutoencoder
+from diffex.models.autoencoder import DiffusionAutoencoder, straight_through_clamp
 from diffex.models.contrastive import (
     OBJECTIVES,
     Projector,
@@ -31,7 +31,13 @@ from diffex.models.directions import (
     LatentSpace,
     data_span,
 )
-from diffex.models.nuisance import class_separation, invariance_penalty, real_statistics
+from diffex.models.nuisance import (
+    background_mask,
+    background_noise,
+    class_separation,
+    invariance_penalty,
+    real_statistics,
+)
 from diffex.models.nuisance import names as nuisance_names
 from diffex.report.plots import training_curve
 from diffex.rundir import RunDir
@@ -80,7 +86,20 @@ class DirectionTrainConfig:
     :mod:`diffex.models.nuisance`) to the statistics the invariance penalty holds: ``on``,
     ``off``, or ``auto``: only when the real classes do not differ in it (by less than
     ``HOLD_MAX_SEPARATION`` pooled sds), so that a phenotype that is the cell's size stays
-    findable. Needs a channel with the actin role; ``auto`` skips it without one."""
+    findable. Needs a channel with the actin role; ``auto`` skips it without one.
+
+    ``t_edit_max``: None decodes every edit in one step from noise level ``t_edit``; a level
+    above it draws each image's level uniformly from ``t_edit`` .. ``t_edit_max``, so that the
+    invariance penalty also sees what an edit does at the noisier levels, where a full decode
+    from x_T sets the image's overall intensity.
+
+    ``decoded_invariance``: weight of a second invariance penalty, measured where the
+    explanations are: on ``decoded_images`` images of each batch, inverted exactly and decoded in
+    ``decoded_steps`` DDIM steps with each of the K edits at +alpha and at -alpha (gradients
+    through the whole decode), holding the same statistics and the background's grain
+    (:func:`diffex.models.nuisance.background_noise`). 0 = off. The one-step decode that the
+    other penalty and the contrast use is smooth and sees neither the grain nor the stain's
+    gain that a full decode from x_T gives the edited cell."""
 
     k: int = 10
     restarts: int = 2
@@ -103,9 +122,19 @@ class DirectionTrainConfig:
     reverse: float = 0.0
     span: float | None = None
     hold_area: str = "off"
+    t_edit_max: int | None = None
+    decoded_invariance: float = 0.0
+    decoded_steps: int = 4
+    decoded_images: int = 2
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        if self.t_edit < 0:
+            raise DiffexError(f"t_edit must be a noise level >= 0, got {self.t_edit}")
+        if self.t_edit_max is not None and self.t_edit_max <= self.t_edit:
+            raise DiffexError(
+                f"t_edit_max must lie above t_edit ({self.t_edit}), got {self.t_edit_max}"
+            )
         if self.hold_area not in HOLD_AREA:
             raise DiffexError(f"hold_area {self.hold_area!r} must be one of {', '.join(HOLD_AREA)}")
         if self.span is not None and not 0.0 < self.span <= 1.0:
@@ -128,6 +157,15 @@ class DirectionTrainConfig:
             raise DiffexError(f"k must be >= 2 (negatives need other directions), got {self.k}")
         if self.restarts < 1:
             raise DiffexError(f"restarts must be >= 1, got {self.restarts}")
+        if self.decoded_invariance < 0:
+            raise DiffexError(f"decoded_invariance must be >= 0, got {self.decoded_invariance}")
+        if self.decoded_invariance > 0 and self.objective == "paper":
+            raise DiffexError("decoded_invariance needs an image objective, not paper")
+        if self.decoded_steps < 1 or self.decoded_images < 1:
+            raise DiffexError(
+                f"decoded_steps and decoded_images must be >= 1, got {self.decoded_steps} "
+                f"and {self.decoded_images}"
+            )
         if self.reverse < 0:
             raise DiffexError(f"reverse must be >= 0, got {self.reverse}")
         if self.invariance < 0 or self.decorrelation < 0:
@@ -171,6 +209,7 @@ def edit_features(
     both_signs: bool = False,
     reverse: float = 0.0,
     area_channel: int | None = None,
+    t_edit_max: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Contrastive features of all K edits of a batch: (features (K*B, F), labels, units,
     invariance penalty). The penalty (:func:`diffex.models.nuisance.invariance_penalty` of the
@@ -182,7 +221,8 @@ def edit_features(
     at +alpha or -alpha (drawn from ``generator``) and multiplies its feature changes by the
     sign, so that both halves of a direction count as the same direction. ``reverse`` > 0 adds
     ``reverse`` times the penalty of the same edits decoded at the opposite sign;
-    ``area_channel`` (the actin channel, or None) adds the area it outlines to the statistics."""
+    ``area_channel`` (the actin channel, or None) adds the area it outlines to the statistics;
+    ``t_edit_max`` draws each image's noise level from ``t_edit`` .. ``t_edit_max``."""
     editor = trainer.editor
     space, dirs = editor.space, editor.directions
     zs = space.standardise(z)
@@ -201,7 +241,10 @@ def edit_features(
         feats = trainer.projector(edited.reshape(k * b, -1)) - base.repeat(k, 1)
         return feats * row_sign, labels, units, None
     # One-step decode of each edit from the same noisy image at t_edit.
-    t = torch.full((b,), t_edit, dtype=torch.long, device=x.device)
+    if t_edit_max is None:
+        t = torch.full((b,), t_edit, dtype=torch.long, device=x.device)
+    else:
+        t = torch.randint(t_edit, t_edit_max + 1, (b,), generator=generator).to(x.device)
     noise = torch.randn(x.shape, generator=generator).to(x.device)
     x_t = q_sample(ae.schedule, x, t, noise)
     z_raw = space.unstandardise(edited.reshape(k * b, -1))
@@ -222,6 +265,55 @@ def edit_features(
             x0_opp, x0_base, spread, gain_channel, area_channel
         )
     return feats, labels, units, penalty
+
+
+def _eps_fn(ae: DiffusionAutoencoder, bf16: bool) -> Any:
+    """The UNet's noise prediction as a DDIM model function, under bf16 autocast if asked,
+    in fp32, with gradients."""
+
+    def eps(x_t: Tensor, t: Tensor, z: Tensor | None) -> Tensor:
+        assert z is not None
+        with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return ae.eps(x_t, t, z).float()
+
+    return eps
+
+
+def decoded_penalty(
+    editor: LatentEditor,
+    ae: DiffusionAutoencoder,
+    z: Tensor,
+    x: Tensor,
+    alpha: float,
+    steps: int,
+    spread: Tensor,
+    noise_spread: Tensor,
+    gain_channel: int | None = None,
+    area_channel: int | None = None,
+    bf16: bool = False,
+) -> Tensor:
+    """The invariance penalty of every edit of images ``x`` (z_sem ``z``) at +alpha and -alpha,
+    decoded in ``steps`` DDIM steps from the images' exact inversion (the autoencoder's
+    refinement), against their unedited decode, plus the squared change of their background's
+    grain in units of ``noise_spread``. Gradients flow through the whole decode."""
+    eps = _eps_fn(ae, bf16)
+    refine, tol = max(ae.inversion_refine, 1), ae.inversion_tol
+    with torch.no_grad():
+        x_T = ddim_encode(eps, x, steps, ae.schedule, z, refine=refine, tol=tol)
+        base = ddim_decode(eps, x_T, steps, ae.schedule, z).clamp(-1, 1)
+    space = editor.space
+    zs = space.standardise(z)
+    step = alpha * space.gap * editor.directions.units(zs)  # (K, n, D)
+    rows = 2 * step.shape[0]
+    edited = torch.cat([zs[None] + step, zs[None] - step]).reshape(rows * len(z), -1)
+    z_edit = space.unstandardise(edited)
+    out = ddim_decode(eps, x_T.repeat(rows, 1, 1, 1), steps, ae.schedule, z_edit)
+    out = straight_through_clamp(out)
+    penalty = invariance_penalty(out, base, spread, gain_channel, area_channel)
+    mask = background_mask(base)
+    grain = background_noise(out, mask.repeat(rows, 1, 1, 1))
+    change = (grain - background_noise(base, mask).repeat(rows)) / noise_spread.to(grain)
+    return penalty + (change**2).mean()
 
 
 #: seed offset between restarts: restart r trains with ``seed + RESTART_SEED_STEP * r``
@@ -264,6 +356,9 @@ def train_directions(
     rd = RunDir(run)
     plan = rd.load_plan()
     ae = load_autoencoder(run, device).eval().requires_grad_(False)
+    top = max(cfg.t_edit, cfg.t_edit_max or 0)
+    if top >= ae.schedule.T:
+        raise DiffexError(f"t_edit {top} is past the autoencoder's {ae.schedule.T} noise levels")
     train = load_split(plan, "train")
     info(f"directions: encoding {len(train.y)} training images to z_sem")
     z_train = semantic_latents(ae, train.x)
@@ -273,11 +368,22 @@ def train_directions(
     spread = None
     gain_channel = plan.measure_channels.get("nucleus")
     area_channel, area_separation = None, None
-    if cfg.invariance > 0 and cfg.objective != "paper":
+    noise_spread = None
+    if (cfg.invariance > 0 or cfg.decoded_invariance > 0) and cfg.objective != "paper":
         stats, area_channel, area_separation = held_statistics(
             cfg.hold_area, plan, train, gain_channel
         )
         spread = stats.std(0).clamp_min(1e-6).to(device)
+    if cfg.decoded_invariance > 0 and spread is not None:
+        with torch.no_grad():
+            grain = torch.cat(
+                [background_noise(xb, background_mask(xb)) for xb in train.x.split(256)]
+            )
+        noise_spread = grain.std().clamp_min(1e-6).to(device)
+        info(
+            f"directions: decoded invariance on {cfg.decoded_images} images per batch, "
+            f"{cfg.decoded_steps} DDIM steps (grain sd {float(noise_spread):.3g})"
+        )
     stat_names = nuisance_names(gain_channel, area_channel)
     if spread is not None:
         sds = zip(stat_names, spread.tolist(), strict=True)
@@ -332,12 +438,30 @@ def train_directions(
                 cfg.signs == "both",
                 cfg.reverse,
                 area_channel,
+                cfg.t_edit_max,
             )
             loss = contrastive_loss(feats, labels)
             out = {"contrastive": loss}
             if penalty is not None:
                 loss = loss + cfg.invariance * penalty
                 out["invariance"] = penalty
+            if noise_spread is not None and spread is not None:
+                n = min(cfg.decoded_images, len(idx))
+                decoded = decoded_penalty(
+                    m.editor,
+                    ae,
+                    z_train[idx[:n]].to(device),
+                    train.x[idx[:n]].to(device),
+                    cfg.alpha,
+                    cfg.decoded_steps,
+                    spread,
+                    noise_spread,
+                    gain_channel,
+                    area_channel,
+                    bf16,
+                )
+                loss = loss + cfg.decoded_invariance * decoded
+                out["decoded_invariance"] = decoded
             if cfg.decorrelation > 0:
                 pen = decorrelation_penalty(units)
                 loss = loss + cfg.decorrelation * pen
@@ -362,6 +486,7 @@ def train_directions(
                     cfg.signs == "both",
                     cfg.reverse,
                     area_channel,
+                    cfg.t_edit_max,
                 )
                 out = {
                     "heldout_loss": float(contrastive_loss(feats, labels)),
