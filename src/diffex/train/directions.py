@@ -384,6 +384,8 @@ def train_directions(
             f"directions: decoded invariance on {cfg.decoded_images} images per batch, "
             f"{cfg.decoded_steps} DDIM steps (grain sd {float(noise_spread):.3g})"
         )
+    # the one-step penalty only where it is weighted (the decoded one may need spread alone)
+    one_step_spread = spread if cfg.invariance > 0 else None
     stat_names = nuisance_names(gain_channel, area_channel)
     if spread is not None:
         sds = zip(stat_names, spread.tolist(), strict=True)
@@ -432,7 +434,7 @@ def train_directions(
                 cfg.alpha,
                 cfg.t_edit,
                 gen,
-                spread,
+                one_step_spread,
                 gain_channel,
                 bf16,
                 cfg.signs == "both",
@@ -480,7 +482,7 @@ def train_directions(
                     cfg.alpha,
                     cfg.t_edit,
                     torch.Generator().manual_seed(seed + 99),
-                    spread,
+                    one_step_spread,
                     gain_channel,
                     bf16,
                     cfg.signs == "both",
