@@ -172,6 +172,7 @@ def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
             "decoded_invariance": 0.0,
             "decoded_steps": 4,
             "decoded_images": 2,
+            "decoded_core": 0.0,
         },
         # rank's own legacy settings: fp32 decodes, unbounded gains, plain inversion
         "rank": {"m": 3, "precision": "fp32", "gain_margin": None, "inversion_refine": 0},
@@ -188,6 +189,7 @@ def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
         {"hold_area": "auto"},
         {"t_edit_max": 800},
         {"decoded_invariance": 1.0},
+        {"decoded_invariance": 1.0, "decoded_core": 0.3},
     )
     for later in later_settings:  # added after restarts
         assert not _done(tmp_path, "rank", {**now, "directions": {**now["directions"], **later}})
@@ -366,7 +368,8 @@ def test_demo_options_reach_the_stage_configs(
 ) -> None:
     """``demo --z-norm --axis-invariance W --gain-margin M`` change the autoencoder's and the
     decoding stages' settings of the preset and nothing else, ``--span``, ``--hold-area``,
-    ``--t-edit-max``, ``--decoded-invariance`` and ``--alpha`` the directions stage's,
+    ``--t-edit-max``, ``--decoded-invariance``, ``--decoded-core`` and ``--alpha`` the
+    directions stage's,
     ``--classifier-output`` the autoencoder's; without them the preset runs."""
     import diffex.pipeline as pipeline
 
@@ -384,6 +387,7 @@ def test_demo_options_reach_the_stage_configs(
     assert main([*base, "--classifier-output", "features"]) == 0
     assert main([*base, "--inversion-refine", "0"]) == 0
     args = ["--decoded-invariance", "1.0", "--alpha", "3.5", "--t-edit-max", "800"]
+    args += ["--decoded-core", "0.3"]
     assert main([*base, *args]) == 0
     plain, moved, held, featured, plain_inversion, decoded = seen
     assert plain == pipeline.demo_preset("quick")
@@ -405,12 +409,15 @@ def test_demo_options_reach_the_stage_configs(
     assert plain_inversion.autoencoder == plain.autoencoder
     assert plain_inversion.preset == "quick with --inversion-refine 0"
     assert decoded.directions == replace(
-        plain.directions, decoded_invariance=1.0, alpha=3.5, t_edit_max=800
+        plain.directions, decoded_invariance=1.0, alpha=3.5, t_edit_max=800, decoded_core=0.3
     )
     assert decoded.autoencoder == plain.autoencoder and decoded.rank == plain.rank
-    assert decoded.preset == "quick with --t-edit-max 800, --alpha 3.5, --decoded-invariance 1.0"
+    assert decoded.preset == (
+        "quick with --t-edit-max 800, --alpha 3.5, --decoded-invariance 1.0, --decoded-core 0.3"
+    )
     assert main([*base, "--inversion-refine", "-1"]) == 2
     assert main([*base, "--decoded-invariance", "-1"]) == 2
+    assert main([*base, "--decoded-core", "0.3"]) == 2  # without --decoded-invariance
     assert main([*base, "--alpha", "0"]) == 2
     assert main([*base, "--classifier-output", "softmax"]) == 2
     assert main([*base, "--axis-invariance", "-1"]) == 2

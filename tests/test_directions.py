@@ -399,6 +399,9 @@ def test_decoded_penalty_is_zero_for_no_edit_and_trains_the_directions() -> None
         return decoded_penalty(trainer.editor, ae, z[:2], x[:2], alpha, 3, spread, grain, 0)
 
     assert pen(1e-7).item() < 1e-6
+    core = (torch.tensor(0.05), 2.0)
+    held = decoded_penalty(trainer.editor, ae, z[:2], x[:2], 1.0, 3, spread, grain, 0, core=core)
+    assert held.item() > pen(1.0).item()  # the core's squared change adds to the penalty
     small, large = pen(0.5), pen(1.0)
     assert 0 < small.item() < large.item()
     large.backward()
@@ -410,11 +413,16 @@ def test_decoded_penalty_is_zero_for_no_edit_and_trains_the_directions() -> None
         DirectionTrainConfig(decoded_steps=0)
     with pytest.raises(DiffexError, match="not paper"):
         DirectionTrainConfig(objective="paper", decoded_invariance=0.5)
+    with pytest.raises(DiffexError, match="decoded_core must be >= 0"):
+        DirectionTrainConfig(decoded_invariance=0.5, decoded_core=-1.0)
+    with pytest.raises(DiffexError, match="set decoded_invariance"):
+        DirectionTrainConfig(decoded_core=0.5)
 
 
 def test_train_directions_with_the_decoded_penalty(demo_run, tmp_path) -> None:
-    """``train-directions --decoded-invariance`` trains with the decoded penalty, logs it and
-    records it; a bad weight exits 2."""
+    """``train-directions --decoded-invariance`` (here with ``--decoded-core``) trains with the
+    decoded penalty, logs it and records it; a bad weight, or a core weight without the decoded
+    penalty, exits 2."""
     import shutil
 
     from diffex.cli import main
@@ -425,8 +433,10 @@ def test_train_directions_with_the_decoded_penalty(demo_run, tmp_path) -> None:
     args = ["--device", "cpu", "train-directions", "--run", str(run), "--k", "2"]
     args += ["--steps", "2", "--batch-size", "2", "--restarts", "1", "--decoded-steps", "2"]
     assert main([*args, "--decoded-invariance", "-1"]) == 2
-    assert main([*args, "--decoded-invariance", "0.5"]) == 0
+    assert main([*args, "--decoded-core", "0.5"]) == 2  # without --decoded-invariance
+    assert main([*args, "--decoded-invariance", "0.5", "--decoded-core", "0.3"]) == 0
     metrics = read_json(run / "directions" / "metrics.json")
     assert all(row["decoded_invariance"] >= 0 for row in metrics["history"])
     train = read_json(run / "directions" / "config.json")["train"]
     assert train["decoded_invariance"] == 0.5 and train["decoded_steps"] == 2
+    assert train["decoded_core"] == 0.3

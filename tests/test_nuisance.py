@@ -9,6 +9,7 @@ from diffex.models.nuisance import (
     background_mask,
     background_noise,
     class_separation,
+    core_brightness,
     invariance_penalty,
     names,
     natural_spread,
@@ -167,3 +168,22 @@ def test_background_noise_is_the_grain_on_the_background_only() -> None:
     with_cell = noisy.clone()
     with_cell[:, :, 10:40, 24:44] = 0.9 * torch.rand(2, 3, 30, 20, generator=g)
     assert torch.allclose(background_noise(with_cell, mask), got)
+
+
+def test_core_brightness_reads_the_eroded_nucleus_not_its_rim() -> None:
+    """The nucleus core's brightness is the mean, above background, of the pixels above half
+    the plateau eroded by one pixel (as the readout's ``brightness``): a dim rim that lowers the
+    plateau is not in it, and its gradient reaches the core's pixels and no rim pixel."""
+    u = torch.full((1, 3, 32, 32), 0.1)
+    u[:, 0, 11:21, 11:21] = 0.6  # rim: 0.5 above the background
+    u[:, 0, 12:20, 12:20] = 0.9  # core: 0.8 above it
+    x = (u * 2 - 1).requires_grad_(True)
+    mask = background_mask(x)
+    plateau = float(statistics(x.detach(), mask, 0)[0, 3])
+    assert plateau == pytest.approx((64 * 0.8 + 36 * 0.5) / 100, rel=1e-5)
+    core = core_brightness(x, mask, 0)
+    assert float(core[0]) == pytest.approx(0.8, rel=1e-5)
+    core.sum().backward()
+    grad = x.grad[0, 0]
+    assert bool((grad[13:19, 13:19] > 0).all())
+    assert float(grad[11, 11:21].abs().sum()) == 0.0

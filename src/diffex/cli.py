@@ -353,6 +353,11 @@ DECODED_INVARIANCE_HELP = (
     "the images' exact inversion, at +alpha and -alpha, which also holds the background's "
     "grain (0 = off; BENCHMARKS: 'Decoded invariance')."
 )
+DECODED_CORE_HELP = (
+    "Weight, within the decoded invariance penalty, of the nucleus core's brightness (the "
+    "readout's brightness: the nucleus above half its plateau, eroded), which the plateau that "
+    "the penalty holds can miss (0 = off; needs --decoded-invariance)."
+)
 CLASSIFIER_OUTPUT_HELP = (
     "Which classifier output joins the encoder's w in z_sem: probs (the authors'), logits, "
     "or the penultimate features (BENCHMARKS: 'Conditioning on the classifier's features')."
@@ -380,6 +385,7 @@ SHARED_OPTIONS: dict[str, dict[str, Any]] = {
     "hold_area": {"decls": ("--hold-area",), "type": click.Choice(HOLD_AREA_CHOICES)},
     "t_edit_max": {"decls": ("--t-edit-max",), "type": click.IntRange(min=1)},
     "decoded_invariance": {"decls": ("--decoded-invariance",), "type": click.FloatRange(min=0)},
+    "decoded_core": {"decls": ("--decoded-core",), "type": click.FloatRange(min=0)},
     "axis_invariance": {"decls": ("--axis-invariance",), "type": click.FloatRange(min=0)},
     "z_norm": {"decls": ("--z-norm/--no-z-norm",)},
     "classifier_output": {  # models.autoencoder.CLASSIFIER_OUTPUTS (no torch import here)
@@ -938,6 +944,7 @@ def _print_autoencoder(metrics: dict[str, Any], run: Path) -> None:
 @_shared_option("hold_area", "off", HOLD_AREA_HELP)
 @_shared_option("t_edit_max", None, T_EDIT_MAX_HELP)
 @_shared_option("decoded_invariance", 0.0, DECODED_INVARIANCE_HELP)
+@_shared_option("decoded_core", 0.0, DECODED_CORE_HELP)
 @click.option(
     "--decoded-steps",
     type=click.IntRange(min=1),
@@ -1402,6 +1409,9 @@ def report(run: Path, out: Path | None) -> None:
     None,
     DECODED_INVARIANCE_HELP + " The directions stage [default: the preset's].",
 )
+@_shared_option(
+    "decoded_core", None, DECODED_CORE_HELP + " The directions stage [default: the preset's]."
+)
 @_external_options
 @pass_options
 def demo(
@@ -1420,6 +1430,7 @@ def demo(
     hold_area: str | None,
     t_edit_max: int | None,
     decoded_invariance: float | None,
+    decoded_core: float | None,
     alpha: float | None,
     **kw: Any,
 ) -> None:
@@ -1465,6 +1476,7 @@ def demo(
                 ("directions",),
                 "decoded_invariance",
             ),
+            ("--decoded-core", decoded_core, ("directions",), "decoded_core"),
             ("--z-norm", z_norm, ("autoencoder",), "z_norm"),
         ],
     )

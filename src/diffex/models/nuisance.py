@@ -43,6 +43,9 @@ GAIN_SHARE = 0.02
 #: ``diffex.data.measure`` segments a cell (0.4), and the sigmoid's width on the same scale.
 AREA_LEVEL = 0.4
 AREA_SOFTNESS = 0.05
+#: Fewest pixels of an eroded nucleus core before the uneroded nucleus is read instead (as
+#: ``diffex.data.measure`` does).
+CORE_MIN_PIXELS = 4
 
 
 def names(gain_channel: int | None = None, area_channel: int | None = None) -> tuple[str, ...]:
@@ -117,6 +120,37 @@ def nucleus_plateau(u: Tensor, bg: Tensor) -> Tensor:
         peak = above.topk(max(1, int(GAIN_SHARE * above.shape[1])), dim=1).values.mean(1)
         inside = (above > 0.5 * peak[:, None]).float()
     return (above * inside).sum(1) / inside.sum(1).clamp_min(1.0)
+
+
+def nucleus_core(u: Tensor, bg: Tensor) -> Tensor:
+    """(N,) mean level above ``bg`` (N,) of the nucleus's core in ``u`` (N, H, W): the pixels
+    brighter than half the plateau (:func:`nucleus_plateau`), eroded by a 3x3 minimum, as
+    ``diffex.data.measure`` reads ``brightness`` (the uneroded pixels where erosion leaves fewer
+    than ``CORE_MIN_PIXELS``). A nucleus that grows a softer edge can keep its plateau and dim
+    its core; this sees it. The choice of pixels has no gradient."""
+    above = u - bg[:, None, None]
+    with torch.no_grad():
+        plateau = nucleus_plateau(u, bg)
+        inside = (above > 0.5 * plateau[:, None, None]).float()[:, None]
+        core = -F.max_pool2d(-inside, 3, stride=1, padding=1)[:, 0]
+        thin = core.sum((1, 2)) < CORE_MIN_PIXELS
+        core = torch.where(thin[:, None, None], inside[:, 0], core)
+    return (above * core).sum((1, 2)) / core.sum((1, 2)).clamp_min(1.0)
+
+
+def channel_background(x: Tensor, mask: Tensor, channel: int) -> Tensor:
+    """(N,) mean of channel ``channel`` of images ``x`` in [-1, 1] over the background pixels
+    ``mask`` (N, 1, H, W), in [0, 1] units."""
+    u = (x[:, channel].float() + 1.0) / 2.0
+    m = mask[:, 0]
+    return (u * m).sum((1, 2)) / m.sum((1, 2)).clamp_min(1.0)
+
+
+def core_brightness(x: Tensor, mask: Tensor, channel: int) -> Tensor:
+    """(N,) :func:`nucleus_core` of channel ``channel`` of images ``x`` in [-1, 1], above that
+    channel's background on ``mask`` (N, 1, H, W), in [0, 1] units."""
+    u = (x[:, channel].float() + 1.0) / 2.0
+    return nucleus_core(u, channel_background(x, mask, channel))
 
 
 def background_noise(x: Tensor, mask: Tensor) -> Tensor:

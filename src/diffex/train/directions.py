@@ -35,6 +35,7 @@ from diffex.models.nuisance import (
     background_mask,
     background_noise,
     class_separation,
+    core_brightness,
     invariance_penalty,
     real_statistics,
 )
@@ -99,7 +100,12 @@ class DirectionTrainConfig:
     through the whole decode), holding the same statistics and the background's grain
     (:func:`diffex.models.nuisance.background_noise`). 0 = off. The one-step decode that the
     other penalty and the contrast use is smooth and sees neither the grain nor the stain's
-    gain that a full decode from x_T gives the edited cell."""
+    gain that a full decode from x_T gives the edited cell.
+
+    ``decoded_core``: weight, within the decoded penalty, of the squared change of the nucleus
+    core's brightness (:func:`diffex.models.nuisance.nucleus_core`, the readout's
+    ``brightness``) in natural sds; needs ``decoded_invariance`` and a nucleus channel. 0 = off.
+    The plateau that ``nucleus_gain`` holds can stay while a growing nucleus dims its core."""
 
     k: int = 10
     restarts: int = 2
@@ -126,6 +132,7 @@ class DirectionTrainConfig:
     decoded_invariance: float = 0.0
     decoded_steps: int = 4
     decoded_images: int = 2
+    decoded_core: float = 0.0
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -161,6 +168,10 @@ class DirectionTrainConfig:
             raise DiffexError(f"decoded_invariance must be >= 0, got {self.decoded_invariance}")
         if self.decoded_invariance > 0 and self.objective == "paper":
             raise DiffexError("decoded_invariance needs an image objective, not paper")
+        if self.decoded_core < 0:
+            raise DiffexError(f"decoded_core must be >= 0, got {self.decoded_core}")
+        if self.decoded_core > 0 and self.decoded_invariance == 0:
+            raise DiffexError("decoded_core is part of the decoded penalty: set decoded_invariance")
         if self.decoded_steps < 1 or self.decoded_images < 1:
             raise DiffexError(
                 f"decoded_steps and decoded_images must be >= 1, got {self.decoded_steps} "
@@ -291,11 +302,14 @@ def decoded_penalty(
     gain_channel: int | None = None,
     area_channel: int | None = None,
     bf16: bool = False,
+    core: tuple[Tensor, float] | None = None,
 ) -> Tensor:
     """The invariance penalty of every edit of images ``x`` (z_sem ``z``) at +alpha and -alpha,
     decoded in ``steps`` DDIM steps from the images' exact inversion (the autoencoder's
     refinement), against their unedited decode, plus the squared change of their background's
-    grain in units of ``noise_spread``. Gradients flow through the whole decode."""
+    grain in units of ``noise_spread`` and, with ``core`` = (sd, weight) and a ``gain_channel``,
+    weight times the squared change of the nucleus core's brightness in units of sd. Gradients
+    flow through the whole decode."""
     eps = _eps_fn(ae, bf16)
     refine, tol = max(ae.inversion_refine, 1), ae.inversion_tol
     with torch.no_grad():
@@ -313,7 +327,13 @@ def decoded_penalty(
     mask = background_mask(base)
     grain = background_noise(out, mask.repeat(rows, 1, 1, 1))
     change = (grain - background_noise(base, mask).repeat(rows)) / noise_spread.to(grain)
-    return penalty + (change**2).mean()
+    penalty = penalty + (change**2).mean()
+    if core is not None and gain_channel is not None:
+        sd, weight = core
+        level = core_brightness(out, mask.repeat(rows, 1, 1, 1), gain_channel)
+        shift = (level - core_brightness(base, mask, gain_channel).repeat(rows)) / sd.to(level)
+        penalty = penalty + weight * (shift**2).mean()
+    return penalty
 
 
 #: seed offset between restarts: restart r trains with ``seed + RESTART_SEED_STEP * r``
@@ -343,6 +363,24 @@ def held_statistics(
     return stats[:, :-1], None, separation
 
 
+def core_hold(
+    weight: float, train: SplitData, gain_channel: int | None, device: torch.device
+) -> tuple[Tensor, float] | None:
+    """(sd of the nucleus core's brightness over the training images, ``weight``) for the
+    decoded penalty; None when ``weight`` is 0. Raises without a nucleus channel."""
+    if weight == 0:
+        return None
+    if gain_channel is None:
+        raise DiffexError("decoded_core needs a channel with the nucleus role (none here)")
+    with torch.no_grad():
+        levels = torch.cat(
+            [core_brightness(xb, background_mask(xb), gain_channel) for xb in train.x.split(256)]
+        )
+    sd = levels.std().clamp_min(1e-6)
+    info(f"directions: decoded penalty holds the nucleus core's brightness (sd {float(sd):.3g})")
+    return sd.to(device), weight
+
+
 def restart_seed(seed: int, restart: int) -> int:
     """The seed of restart ``restart`` (restart 0 keeps ``seed``)."""
     return seed + RESTART_SEED_STEP * restart
@@ -368,7 +406,7 @@ def train_directions(
     spread = None
     gain_channel = plan.measure_channels.get("nucleus")
     area_channel, area_separation = None, None
-    noise_spread = None
+    noise_spread, core = None, None
     if (cfg.invariance > 0 or cfg.decoded_invariance > 0) and cfg.objective != "paper":
         stats, area_channel, area_separation = held_statistics(
             cfg.hold_area, plan, train, gain_channel
@@ -380,6 +418,7 @@ def train_directions(
                 [background_noise(xb, background_mask(xb)) for xb in train.x.split(256)]
             )
         noise_spread = grain.std().clamp_min(1e-6).to(device)
+        core = core_hold(cfg.decoded_core, train, gain_channel, device)
         info(
             f"directions: decoded invariance on {cfg.decoded_images} images per batch, "
             f"{cfg.decoded_steps} DDIM steps (grain sd {float(noise_spread):.3g})"
@@ -461,6 +500,7 @@ def train_directions(
                     gain_channel,
                     area_channel,
                     bf16,
+                    core,
                 )
                 loss = loss + cfg.decoded_invariance * decoded
                 out["decoded_invariance"] = decoded
