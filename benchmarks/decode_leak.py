@@ -42,7 +42,7 @@ def decode(ae, z_edit, z_late, x_T, steps: int, n_late: int) -> torch.Tensor:
     with torch.inference_mode():
         for i, k in enumerate(range(n, 0, -1)):
             z = z_late if i >= n - n_late else z_edit
-            eps = ae._eps_fn(x, t_batch(ts[k - 1], x), z)
+            eps = ae.eps_fn()(x, t_batch(ts[k - 1], x), z)
             a, b = ddim_coefficients(abar[k], abar[k - 1])
             x = a * x + b * eps
     return x.clamp(-1, 1)

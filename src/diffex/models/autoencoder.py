@@ -9,7 +9,7 @@ DDIM inversion / sampling on the same step schedule, so ``decode(*encode(x))`` r
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -259,14 +259,22 @@ class DiffusionAutoencoder(nn.Module):
             return eps_from_v(self.schedule, x_t, t, out)
         return out
 
-    def _eps_fn(self, x_t: Tensor, t: Tensor, z: Tensor | None) -> Tensor:
-        assert z is not None
-        if t.ndim == 0:
-            t = t.expand(x_t.shape[0])
-        if not self.decode_bf16:
-            return self.eps(x_t, t, z)
-        with torch.autocast(x_t.device.type, dtype=torch.bfloat16):
-            return self.eps(x_t, t, z).float()  # v -> eps in fp32: x_t is fp32, bf16 promotes
+    def eps_fn(self, bf16: bool | None = None) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
+        """The UNet's noise prediction as a DDIM model function ``(x_t, t, z) -> eps`` in fp32,
+        under bf16 autocast when ``bf16`` (None: the decode precision). It keeps gradients, so
+        a loss can flow through a whole decode."""
+        use_bf16 = self.decode_bf16 if bf16 is None else bf16
+
+        def eps(x_t: Tensor, t: Tensor, z: Tensor | None) -> Tensor:
+            assert z is not None
+            if t.ndim == 0:
+                t = t.expand(x_t.shape[0])
+            if not use_bf16:
+                return self.eps(x_t, t, z)
+            with torch.autocast(x_t.device.type, dtype=torch.bfloat16):
+                return self.eps(x_t, t, z).float()  # v -> eps in fp32: x_t is fp32
+
+        return eps
 
     @property
     def inversion(self) -> str:
@@ -314,7 +322,7 @@ class DiffusionAutoencoder(nn.Module):
                 zs.append(z)
                 xts.append(
                     ddim_encode(
-                        self._eps_fn,
+                        self.eps_fn(),
                         chunk,
                         steps,
                         self.schedule,
@@ -351,7 +359,7 @@ class DiffusionAutoencoder(nn.Module):
             for zc, xc in zip(_chunks(z, batch_size), _chunks(x_T, batch_size), strict=True):
                 zc = zc.to(self.device, torch.float32)
                 xc = xc.to(self.device, self._dtype())
-                outs.append(ddim_decode(self._eps_fn, xc, steps, self.schedule, zc, progress))
+                outs.append(ddim_decode(self.eps_fn(), xc, steps, self.schedule, zc, progress))
         return torch.cat(outs).clamp_(-1, 1).to(out_device)
 
     def reconstruct(self, x: Tensor, steps: int = 50, batch_size: int | None = None) -> Tensor:

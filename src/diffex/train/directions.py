@@ -278,18 +278,6 @@ def edit_features(
     return feats, labels, units, penalty
 
 
-def _eps_fn(ae: DiffusionAutoencoder, bf16: bool) -> Any:
-    """The UNet's noise prediction as a DDIM model function, under bf16 autocast if asked,
-    in fp32, with gradients."""
-
-    def eps(x_t: Tensor, t: Tensor, z: Tensor | None) -> Tensor:
-        assert z is not None
-        with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=bf16):
-            return ae.eps(x_t, t, z).float()
-
-    return eps
-
-
 def decoded_penalty(
     editor: LatentEditor,
     ae: DiffusionAutoencoder,
@@ -310,7 +298,7 @@ def decoded_penalty(
     grain in units of ``noise_spread`` and, with ``core`` = (sd, weight) and a ``gain_channel``,
     weight times the squared change of the nucleus core's brightness in units of sd. Gradients
     flow through the whole decode."""
-    eps = _eps_fn(ae, bf16)
+    eps = ae.eps_fn(bf16)
     refine, tol = max(ae.inversion_refine, 1), ae.inversion_tol
     with torch.no_grad():
         x_T = ddim_encode(eps, x, steps, ae.schedule, z, refine=refine, tol=tol)
