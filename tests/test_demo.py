@@ -173,6 +173,7 @@ def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
             "decoded_steps": 4,
             "decoded_images": 2,
             "decoded_core": 0.0,
+            "decoded_every": 1,
         },
         # rank's own legacy settings: fp32 decodes, unbounded gains, plain inversion
         "rank": {"m": 3, "precision": "fp32", "gain_margin": None, "inversion_refine": 0},
@@ -190,6 +191,7 @@ def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
         {"t_edit_max": 800},
         {"decoded_invariance": 1.0},
         {"decoded_invariance": 1.0, "decoded_core": 0.3},
+        {"decoded_invariance": 1.0, "decoded_every": 2},
     )
     for later in later_settings:  # added after restarts
         assert not _done(tmp_path, "rank", {**now, "directions": {**now["directions"], **later}})

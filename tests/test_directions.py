@@ -417,12 +417,14 @@ def test_decoded_penalty_is_zero_for_no_edit_and_trains_the_directions() -> None
         DirectionTrainConfig(decoded_invariance=0.5, decoded_core=-1.0)
     with pytest.raises(DiffexError, match="set decoded_invariance"):
         DirectionTrainConfig(decoded_core=0.5)
+    with pytest.raises(DiffexError, match="decoded_every"):
+        DirectionTrainConfig(decoded_every=0)
 
 
 def test_train_directions_with_the_decoded_penalty(demo_run, tmp_path) -> None:
-    """``train-directions --decoded-invariance`` (here with ``--decoded-core``) trains with the
-    decoded penalty, logs it and records it; a bad weight, or a core weight without the decoded
-    penalty, exits 2."""
+    """``train-directions --decoded-invariance`` (here with ``--decoded-core`` and
+    ``--decoded-every 2``) trains with the decoded penalty on every second step, logs it and
+    records it; a bad weight or period, or a core weight without the decoded penalty, exits 2."""
     import shutil
 
     from diffex.cli import main
@@ -434,9 +436,12 @@ def test_train_directions_with_the_decoded_penalty(demo_run, tmp_path) -> None:
     args += ["--steps", "2", "--batch-size", "2", "--restarts", "1", "--decoded-steps", "2"]
     assert main([*args, "--decoded-invariance", "-1"]) == 2
     assert main([*args, "--decoded-core", "0.5"]) == 2  # without --decoded-invariance
-    assert main([*args, "--decoded-invariance", "0.5", "--decoded-core", "0.3"]) == 0
-    metrics = read_json(run / "directions" / "metrics.json")
-    assert all(row["decoded_invariance"] >= 0 for row in metrics["history"])
+    assert main([*args, "--decoded-every", "0"]) == 2
+    decoded = ["--decoded-invariance", "0.5", "--decoded-core", "0.3", "--decoded-every", "2"]
+    assert main([*args, *decoded]) == 0
+    first, second = read_json(run / "directions" / "metrics.json")["history"]
+    assert first["decoded_invariance"] > 0  # step 1 of every 2
+    assert "decoded_invariance" not in second
     train = read_json(run / "directions" / "config.json")["train"]
     assert train["decoded_invariance"] == 0.5 and train["decoded_steps"] == 2
-    assert train["decoded_core"] == 0.3
+    assert train["decoded_core"] == 0.3 and train["decoded_every"] == 2

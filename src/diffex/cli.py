@@ -959,6 +959,14 @@ def _print_autoencoder(metrics: dict[str, Any], run: Path) -> None:
     show_default=True,
     help="Images per batch whose edits the decoded invariance penalty decodes.",
 )
+@click.option(
+    "--decoded-every",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Add the decoded invariance penalty on every n-th training step only (it costs most "
+    "of a step's time).",
+)
 @_precision_option(
     f"auto: the one-step decodes under bf16 autocast {_NATIVE_BF16}, else fp32; features and "
     "losses stay fp32."

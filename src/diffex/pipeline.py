@@ -196,6 +196,7 @@ LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
         "decoded_steps": 4,
         "decoded_images": 2,
         "decoded_core": 0.0,
+        "decoded_every": 1,
     },
     **{
         stage: {"precision": "fp32", "gain_margin": None, "inversion_refine": 0}

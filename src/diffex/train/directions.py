@@ -105,7 +105,8 @@ class DirectionTrainConfig:
     ``decoded_core``: weight, within the decoded penalty, of the squared change of the nucleus
     core's brightness (:func:`diffex.models.nuisance.nucleus_core`, the readout's
     ``brightness``) in natural sds; needs ``decoded_invariance`` and a nucleus channel. 0 = off.
-    The plateau that ``nucleus_gain`` holds can stay while a growing nucleus dims its core."""
+    The plateau that ``nucleus_gain`` holds can stay while a growing nucleus dims its core.
+    ``decoded_every``: the decoded penalty on every n-th step only (it costs most of a step)."""
 
     k: int = 10
     restarts: int = 2
@@ -133,6 +134,7 @@ class DirectionTrainConfig:
     decoded_steps: int = 4
     decoded_images: int = 2
     decoded_core: float = 0.0
+    decoded_every: int = 1
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -172,6 +174,8 @@ class DirectionTrainConfig:
             raise DiffexError(f"decoded_core must be >= 0, got {self.decoded_core}")
         if self.decoded_core > 0 and self.decoded_invariance == 0:
             raise DiffexError("decoded_core is part of the decoded penalty: set decoded_invariance")
+        if self.decoded_every < 1:
+            raise DiffexError(f"decoded_every must be >= 1 (steps), got {self.decoded_every}")
         if self.decoded_steps < 1 or self.decoded_images < 1:
             raise DiffexError(
                 f"decoded_steps and decoded_images must be >= 1, got {self.decoded_steps} "
@@ -474,7 +478,7 @@ def train_directions(
             if penalty is not None:
                 loss = loss + cfg.invariance * penalty
                 out["invariance"] = penalty
-            if noise_spread is not None and spread is not None:
+            if noise_spread is not None and spread is not None and step % cfg.decoded_every == 0:
                 n = min(cfg.decoded_images, len(idx))
                 decoded = decoded_penalty(
                     m.editor,
