@@ -370,8 +370,8 @@ def test_demo_options_reach_the_stage_configs(
 ) -> None:
     """``demo --z-norm --axis-invariance W --gain-margin M`` change the autoencoder's and the
     decoding stages' settings of the preset and nothing else, ``--span``, ``--hold-area``,
-    ``--t-edit-max``, ``--decoded-invariance``, ``--decoded-core`` and ``--alpha`` the
-    directions stage's,
+    ``--t-edit-max``, ``--decoded-invariance``, ``--decoded-core``, ``--decoded-every``,
+    ``--directions-steps`` and ``--alpha`` the directions stage's,
     ``--classifier-output`` the autoencoder's; without them the preset runs."""
     import diffex.pipeline as pipeline
 
@@ -389,7 +389,7 @@ def test_demo_options_reach_the_stage_configs(
     assert main([*base, "--classifier-output", "features"]) == 0
     assert main([*base, "--inversion-refine", "0"]) == 0
     args = ["--decoded-invariance", "1.0", "--alpha", "3.5", "--t-edit-max", "800"]
-    args += ["--decoded-core", "0.3"]
+    args += ["--decoded-core", "0.3", "--decoded-every", "2", "--directions-steps", "7"]
     assert main([*base, *args]) == 0
     plain, moved, held, featured, plain_inversion, decoded = seen
     assert plain == pipeline.demo_preset("quick")
@@ -411,15 +411,24 @@ def test_demo_options_reach_the_stage_configs(
     assert plain_inversion.autoencoder == plain.autoencoder
     assert plain_inversion.preset == "quick with --inversion-refine 0"
     assert decoded.directions == replace(
-        plain.directions, decoded_invariance=1.0, alpha=3.5, t_edit_max=800, decoded_core=0.3
+        plain.directions,
+        decoded_invariance=1.0,
+        alpha=3.5,
+        t_edit_max=800,
+        decoded_core=0.3,
+        decoded_every=2,
+        steps=7,
     )
     assert decoded.autoencoder == plain.autoencoder and decoded.rank == plain.rank
     assert decoded.preset == (
-        "quick with --t-edit-max 800, --alpha 3.5, --decoded-invariance 1.0, --decoded-core 0.3"
+        "quick with --t-edit-max 800, --alpha 3.5, --decoded-invariance 1.0, --decoded-core 0.3, "
+        "--decoded-every 2, --directions-steps 7"
     )
     assert main([*base, "--inversion-refine", "-1"]) == 2
     assert main([*base, "--decoded-invariance", "-1"]) == 2
     assert main([*base, "--decoded-core", "0.3"]) == 2  # without --decoded-invariance
+    assert main([*base, "--decoded-every", "0"]) == 2
+    assert main([*base, "--directions-steps", "0"]) == 2
     assert main([*base, "--alpha", "0"]) == 2
     assert main([*base, "--classifier-output", "softmax"]) == 2
     assert main([*base, "--axis-invariance", "-1"]) == 2

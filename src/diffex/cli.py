@@ -358,6 +358,10 @@ DECODED_CORE_HELP = (
     "readout's brightness: the nucleus above half its plateau, eroded), which the plateau that "
     "the penalty holds can miss (0 = off; needs --decoded-invariance)."
 )
+DECODED_EVERY_HELP = (
+    "Add the decoded invariance penalty on every n-th training step only (it costs most of a "
+    "step's time)."
+)
 CLASSIFIER_OUTPUT_HELP = (
     "Which classifier output joins the encoder's w in z_sem: probs (the authors'), logits, "
     "or the penultimate features (BENCHMARKS: 'Conditioning on the classifier's features')."
@@ -386,6 +390,7 @@ SHARED_OPTIONS: dict[str, dict[str, Any]] = {
     "t_edit_max": {"decls": ("--t-edit-max",), "type": click.IntRange(min=1)},
     "decoded_invariance": {"decls": ("--decoded-invariance",), "type": click.FloatRange(min=0)},
     "decoded_core": {"decls": ("--decoded-core",), "type": click.FloatRange(min=0)},
+    "decoded_every": {"decls": ("--decoded-every",), "type": click.IntRange(min=1)},
     "axis_invariance": {"decls": ("--axis-invariance",), "type": click.FloatRange(min=0)},
     "z_norm": {"decls": ("--z-norm/--no-z-norm",)},
     "classifier_output": {  # models.autoencoder.CLASSIFIER_OUTPUTS (no torch import here)
@@ -959,14 +964,7 @@ def _print_autoencoder(metrics: dict[str, Any], run: Path) -> None:
     show_default=True,
     help="Images per batch whose edits the decoded invariance penalty decodes.",
 )
-@click.option(
-    "--decoded-every",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Add the decoded invariance penalty on every n-th training step only (it costs most "
-    "of a step's time).",
-)
+@_shared_option("decoded_every", 1, DECODED_EVERY_HELP)
 @_precision_option(
     f"auto: the one-step decodes under bf16 autocast {_NATIVE_BF16}, else fp32; features and "
     "losses stay fp32."
@@ -1420,6 +1418,16 @@ def report(run: Path, out: Path | None) -> None:
 @_shared_option(
     "decoded_core", None, DECODED_CORE_HELP + " The directions stage [default: the preset's]."
 )
+@_shared_option(
+    "decoded_every", None, DECODED_EVERY_HELP + " The directions stage [default: the preset's]."
+)
+@click.option(
+    "--directions-steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Training steps of the directions stage [default: the preset's; 120 for default and "
+    "fast].",
+)
 @_external_options
 @pass_options
 def demo(
@@ -1439,6 +1447,8 @@ def demo(
     t_edit_max: int | None,
     decoded_invariance: float | None,
     decoded_core: float | None,
+    decoded_every: int | None,
+    directions_steps: int | None,
     alpha: float | None,
     **kw: Any,
 ) -> None:
@@ -1485,6 +1495,8 @@ def demo(
                 "decoded_invariance",
             ),
             ("--decoded-core", decoded_core, ("directions",), "decoded_core"),
+            ("--decoded-every", decoded_every, ("directions",), "decoded_every"),
+            ("--directions-steps", directions_steps, ("directions",), "steps"),
             ("--z-norm", z_norm, ("autoencoder",), "z_norm"),
         ],
     )
