@@ -197,15 +197,17 @@ def invariance_penalty(
     spread: Tensor,
     gain_channel: int | None = None,
     area_channel: int | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Mean over edits of the summed squared change of the statistics, in natural sds.
 
     ``edited`` (R * N, C, H, W) holds R edits of each of the N ``base`` images (rows ordered
     edit-major, as ``base.repeat(R, 1, 1, 1)``); every edit is measured on its base image's
-    background pixels. An edit that shifts the background by one natural sd costs 1.
+    background pixels (``mask``, else :func:`background_mask` of ``base``). An edit that shifts
+    the background by one natural sd costs 1.
     """
     r = len(edited) // len(base)
-    mask = background_mask(base)
+    mask = background_mask(base) if mask is None else mask
     with torch.no_grad():
         ref = statistics(base, mask, gain_channel, area_channel)
     moved = statistics(edited, mask.repeat(r, 1, 1, 1), gain_channel, area_channel)

@@ -315,14 +315,15 @@ def decoded_penalty(
     z_edit = space.unstandardise(edited)
     out = ddim_decode(eps, x_T.repeat(rows, 1, 1, 1), steps, ae.schedule, z_edit)
     out = straight_through_clamp(out)
-    penalty = invariance_penalty(out, base, spread, gain_channel, area_channel)
     mask = background_mask(base)
-    grain = background_noise(out, mask.repeat(rows, 1, 1, 1))
+    masks = mask.repeat(rows, 1, 1, 1)
+    penalty = invariance_penalty(out, base, spread, gain_channel, area_channel, mask)
+    grain = background_noise(out, masks)
     change = (grain - background_noise(base, mask).repeat(rows)) / noise_spread.to(grain)
     penalty = penalty + (change**2).mean()
     if core is not None and gain_channel is not None:
         sd, weight = core
-        level = core_brightness(out, mask.repeat(rows, 1, 1, 1), gain_channel)
+        level = core_brightness(out, masks, gain_channel)
         shift = (level - core_brightness(base, mask, gain_channel).repeat(rows)) / sd.to(level)
         penalty = penalty + weight * (shift**2).mean()
     return penalty
