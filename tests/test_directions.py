@@ -25,6 +25,7 @@ from diffex.models.directions import (
 from diffex.train.directions import (
     DirectionTrainConfig,
     DirectionTrainer,
+    core_hold,
     decoded_penalty,
     direction_sets,
     edit_features,
@@ -419,6 +420,9 @@ def test_decoded_penalty_is_zero_for_no_edit_and_trains_the_directions() -> None
         DirectionTrainConfig(decoded_core=0.5)
     with pytest.raises(DiffexError, match="decoded_every"):
         DirectionTrainConfig(decoded_every=0)
+    with pytest.raises(DiffexError, match="decoded_core needs a channel with the nucleus role"):
+        core_hold(0.5, None, None, torch.device("cpu"))  # type: ignore[arg-type]
+    assert core_hold(0.0, None, None, torch.device("cpu")) is None  # type: ignore[arg-type]
 
 
 def test_train_directions_with_the_decoded_penalty(demo_run, tmp_path) -> None:
