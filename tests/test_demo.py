@@ -11,7 +11,7 @@ import pytest
 from diffex.cli import main
 from diffex.explain.guard import flagged_frames
 from diffex.explain.support import past_frames
-from diffex.io.atomic import read_json
+from diffex.io.atomic import read_json, write_json
 
 FIGURES = (
     "strip.png",
@@ -453,3 +453,53 @@ def test_fast_preset_is_the_default_on_patched_networks() -> None:
     assert replace(same, preset="default") == default
     with pytest.raises(DiffexError, match="quick, default or fast"):
         demo_preset("slow")
+
+
+def test_explain_unranked_pairs(demo_run: Path, tmp_path: Path, capsys) -> None:
+    """``explain --unranked K+`` renders a learned pair the ranking did not rank into its own
+    folder, listed apart from the ranked items; a malformed, out-of-range or already ranked
+    pair is a one-line error (exit 2) before anything is computed."""
+    from diffex.errors import DiffexError
+    from diffex.explain.methods import parse_pair
+
+    assert parse_pair("8-") == (8, -1) and parse_pair(" 12+") == (12, 1)
+    for bad in ("8", "+", "x-", "-3-", "8+-"):
+        with pytest.raises(DiffexError, match="expected a direction and sign"):
+            parse_pair(bad)
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    ranking = read_json(run / "ranking.json")
+    if not ranking["directions"]:  # the toy run may rank none: rank its best pair by hand
+        best = max(ranking["all_pairs"], key=lambda p: p["mean_delta_p"])
+        ranking["directions"] = [{**best, "rank": 1}]
+        write_json(run / "ranking.json", ranking)
+    ranked = {(d["direction"], d["sign"]) for d in ranking["directions"]}
+    pair = next(
+        (p["direction"], p["sign"])
+        for p in ranking["all_pairs"]
+        if (p["direction"], p["sign"]) not in ranked
+    )
+    k_total = read_json(run / "directions" / "config.json")["model"]["k"]
+    first = ranking["directions"][0]
+    base = ["--device", "cpu", "explain", "--run", str(run), "--n-cells", "4", "--no-measure"]
+    before = {p.name for p in (run / "explanations").iterdir()}
+    for bad, message in (
+        ("x+", "--unranked 'x+'"),
+        (f"{k_total}+", f"directions 0 to {k_total - 1}"),
+        (f"{first['direction']}{'+' if first['sign'] > 0 else '-'}", "already ranked (1)"),
+    ):
+        assert main([*base, "--unranked", bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert {p.name for p in (run / "explanations").iterdir()} == before  # nothing touched
+    name = f"unranked_dir{pair[0]}{'+' if pair[1] > 0 else '-'}"
+    assert main([*base, "--unranked", name[len("unranked_dir") :]]) == 0
+    summary = read_json(run / "explanations" / "summary.json")
+    assert [i["name"] for i in summary["unranked"]] == [name]
+    assert name not in {i["name"] for i in summary["items"]}
+    assert len(summary["items"]) == len(ranking["directions"]) + 1  # and the reference
+    own = read_json(run / "explanations" / name / "summary.json")
+    assert own["alphas"][-1] == pytest.approx(ranking["alpha"])
+    assert own["label"].startswith("not ranked")
+    for figure in FIGURES[:-2]:
+        assert (run / "explanations" / name / figure).is_file()

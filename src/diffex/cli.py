@@ -1147,17 +1147,28 @@ def _print_ranking(result: dict[str, Any]) -> None:
     show_default=True,
     help="Morphology readout (needs cell images with nucleus/actin/spots channels).",
 )
+@click.option(
+    "--unranked",
+    "unranked",
+    multiple=True,
+    metavar="K+|K-",
+    help="Also explain this learned direction and sign (e.g. 8-; repeatable) although the "
+    "ranking did not rank it, at the ranking's alpha, into RUN/explanations/unranked_dirK+: to "
+    "see what the ranking passed over (ranking.json lists every pair's delta-p under all_pairs).",
+)
 @_gain_margin_option()
 @_inversion_option()
 @_precision_option(_DECODE_PRECISION)
 @pass_options
-def explain_cmd(opts: Options, run: Path, **kw: Any) -> None:
+def explain_cmd(opts: Options, run: Path, unranked: tuple[str, ...], **kw: Any) -> None:
     """Show each ranked direction: strips over alpha, a GIF, the probability curve, a
     difference map, per-channel panels and the morphology readout (RUN/explanations/)."""
     from diffex.explain.explain import ExplainConfig, explain_run
+    from diffex.explain.methods import parse_pair
 
+    pairs = [parse_pair(p) for p in unranked]
     device = opts.setup()
-    explain_run(run, ExplainConfig(**kw, seed=opts.seed), device)
+    explain_run(run, ExplainConfig(**kw, seed=opts.seed), device, unranked=pairs)
     click.echo(f"explanations: {run / 'explanations'}")
 
 

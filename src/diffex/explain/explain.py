@@ -4,7 +4,7 @@ the probability curve, a difference map, per-channel panels and the morphology r
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,13 +152,19 @@ def spearman(a: np.ndarray, v: np.ndarray) -> float:
 
 
 def explain_run(
-    run: str | Path, cfg: ExplainConfig, device: torch.device, method: str = "diffex"
+    run: str | Path,
+    cfg: ExplainConfig,
+    device: torch.device,
+    method: str = "diffex",
+    unranked: Sequence[tuple[int, int]] = (),
 ) -> dict[str, Any]:
     """Render every ranked direction of ``method`` (DiffEx's, with the class-mean reference, or
-    a baseline's) into its ``explanations/`` folder."""
+    a baseline's) into its ``explanations/`` folder; ``unranked`` (direction, sign) pairs of
+    DiffEx's that the ranking did not rank too, listed apart under ``"unranked"`` of the
+    summary so that nothing downstream takes them for ranked explanations."""
     rd = RunDir(run)
     plan = rd.load_plan()
-    dset = load_direction_set(run, method, device, reference=cfg.reference)
+    dset = load_direction_set(run, method, device, reference=cfg.reference, unranked=unranked)
     ae = load_autoencoder(
         run, device, precision=cfg.precision, inversion_refine=cfg.inversion_refine
     )
@@ -190,6 +196,7 @@ def explain_run(
         "inversion": ae.inversion,
         "spot_floor": spot_floor,
         "items": [],
+        "unranked": [],
     }
     for item in track(items, "explain", total=len(items)):
         name, label = item.name, item.label
@@ -272,7 +279,7 @@ def explain_run(
                 past_named = "; ".join(past_frames(checks))
                 where = f"; frames past the training data: {past_named}" if past_named else ""
                 warn(f"explain: {name}: imaging measurements follow alpha ({drifts}){where}")
-        summary["items"].append(entry)
+        summary["items" if item.ranked else "unranked"].append(entry)
         write_json(folder / "summary.json", entry)
     write_json(out / "summary.json", summary)
     stale = prune_stale(out, {item.name for item in items})

@@ -8,7 +8,7 @@ latents to unit vectors, so both are edited, explained and scored by the same co
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,8 @@ class Item:
     alpha: float
     units: Callable[[Tensor], Tensor]
     reference: bool = False
+    #: False for a learned direction the ranking did not rank, explained on request
+    ranked: bool = True
 
     def move(self, space: LatentSpace, z: Tensor, alpha: float | None = None) -> Tensor:
         """Raw z moved by ``alpha`` (default: the item's own) class gaps along the direction."""
@@ -84,6 +86,34 @@ def _learned(editor: Any, k: int, sign: int) -> Callable[[Tensor], Tensor]:
     return fn
 
 
+def parse_pair(text: str) -> tuple[int, int]:
+    """A learned direction and its sign from ``"8-"`` or ``"12+"``: ``(8, -1)``, ``(12, 1)``."""
+    t = text.strip()
+    if len(t) < 2 or t[-1] not in "+-" or not t[:-1].isdigit():
+        raise DiffexError(f"--unranked {text!r}: expected a direction and sign such as 8- or 12+")
+    return int(t[:-1]), 1 if t[-1] == "+" else -1
+
+
+def _unranked(
+    editor: Any, ranking: dict[str, Any], pairs: Sequence[tuple[int, int]], path: Path
+) -> list[Item]:
+    """Items for learned (direction, sign) pairs the ranking did not rank, at its alpha."""
+    k_total = editor.directions.config.k
+    ranked = {(int(d["direction"]), int(d["sign"])): d["rank"] for d in ranking["directions"]}
+    items: list[Item] = []
+    for k, sign in dict.fromkeys(pairs):  # in order, once each
+        s = "+" if sign > 0 else "-"
+        if not 0 <= k < k_total:
+            raise DiffexError(f"direction {k}{s}: {path.parent} has directions 0 to {k_total - 1}")
+        if (k, sign) in ranked:
+            raise DiffexError(f"direction {k}{s} is already ranked ({ranked[k, sign]}) in {path}")
+        label = f"not ranked: direction {k} ({s})"
+        units = _learned(editor, k, sign)
+        alpha = float(ranking["alpha"])
+        items.append(Item(f"unranked_dir{k}{s}", label, alpha, units, ranked=False))
+    return items
+
+
 def load_space(folder: Path) -> LatentSpace:
     """A latent space saved by a baseline (``space.safetensors``)."""
     w = load_weights(folder / "space.safetensors")
@@ -94,9 +124,15 @@ def load_space(folder: Path) -> LatentSpace:
 
 
 def load_direction_set(
-    run: str | Path, method: str, device: torch.device | str = "cpu", reference: bool = True
+    run: str | Path,
+    method: str,
+    device: torch.device | str = "cpu",
+    reference: bool = True,
+    unranked: Sequence[tuple[int, int]] = (),
 ) -> DirectionSet:
-    """Read a method's ranking and build its items (on ``device``)."""
+    """Read a method's ranking and build its items (on ``device``). ``unranked``: DiffEx's
+    learned (direction, sign) pairs to add after the ranked ones although the ranking did not
+    rank them (items with ``ranked`` False, at the ranking's alpha)."""
     folder = method_folder(run, method)
     path = folder / "ranking.json"
     if not path.is_file():
@@ -125,6 +161,7 @@ def load_direction_set(
                     _learned(editor, k, sign),
                 )
             )
+        items += _unranked(editor, ranking, unranked, path)
         target = int(ranking["target_index"])
         ref = Item(
             REFERENCE,
@@ -134,6 +171,8 @@ def load_direction_set(
             True,
         )
         return DirectionSet(method, folder, ranking, space, items, ref if reference else None)
+    if unranked:
+        raise DiffexError(f"unranked directions are DiffEx's own learned ones, not {method}'s")
     space = load_space(folder).to(device)
     vectors = load_weights(folder / "directions.safetensors")["directions"].to(device)
     for d in ranking["directions"]:
