@@ -460,7 +460,10 @@ def test_explain_unranked_pairs(demo_run: Path, tmp_path: Path, capsys) -> None:
     folder, listed apart from the ranked items; a malformed, out-of-range or already ranked
     pair is a one-line error (exit 2) before anything is computed."""
     from diffex.errors import DiffexError
-    from diffex.explain.methods import parse_pair
+    from diffex.explain.methods import load_direction_set, parse_pair
+
+    with pytest.raises(DiffexError, match="DiffEx's own learned ones, not gcd's"):
+        load_direction_set(demo_run, "gcd", unranked=[(0, 1)])
 
     assert parse_pair("8-") == (8, -1) and parse_pair(" 12+") == (12, 1)
     for bad in ("8", "+", "x-", "-3-", "8+-"):

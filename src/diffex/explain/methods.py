@@ -133,6 +133,8 @@ def load_direction_set(
     """Read a method's ranking and build its items (on ``device``). ``unranked``: DiffEx's
     learned (direction, sign) pairs to add after the ranked ones although the ranking did not
     rank them (items with ``ranked`` False, at the ranking's alpha)."""
+    if unranked and method != "diffex":
+        raise DiffexError(f"unranked directions are DiffEx's own learned ones, not {method}'s")
     folder = method_folder(run, method)
     path = folder / "ranking.json"
     if not path.is_file():
@@ -171,8 +173,6 @@ def load_direction_set(
             True,
         )
         return DirectionSet(method, folder, ranking, space, items, ref if reference else None)
-    if unranked:
-        raise DiffexError(f"unranked directions are DiffEx's own learned ones, not {method}'s")
     space = load_space(folder).to(device)
     vectors = load_weights(folder / "directions.safetensors")["directions"].to(device)
     for d in ranking["directions"]:
