@@ -356,18 +356,30 @@ def held_statistics(
     return stats[:, :-1], None, separation
 
 
+#: training images per chunk when measuring their background statistics
+_CHUNK = 256
+
+
 def core_hold(
-    weight: float, train: SplitData, gain_channel: int | None, device: torch.device
+    weight: float,
+    train: SplitData,
+    gain_channel: int | None,
+    device: torch.device,
+    masks: list[Tensor] | None = None,
 ) -> tuple[Tensor, float] | None:
     """(sd of the nucleus core's brightness over the training images, ``weight``) for the
-    decoded penalty; None when ``weight`` is 0. Raises without a nucleus channel."""
+    decoded penalty; None when ``weight`` is 0. Raises without a nucleus channel. ``masks``:
+    the images' background masks, per chunk of ``_CHUNK``, where already computed."""
     if weight == 0:
         return None
     if gain_channel is None:
         raise DiffexError("decoded_core needs a channel with the nucleus role (none here)")
+    chunks = train.x.split(_CHUNK)
     with torch.no_grad():
+        if masks is None:
+            masks = [background_mask(xb) for xb in chunks]
         levels = torch.cat(
-            [core_brightness(xb, background_mask(xb), gain_channel) for xb in train.x.split(256)]
+            [core_brightness(xb, m, gain_channel) for xb, m in zip(chunks, masks, strict=True)]
         )
     sd = levels.std().clamp_min(1e-6)
     info(f"directions: decoded penalty holds the nucleus core's brightness (sd {float(sd):.3g})")
@@ -406,12 +418,14 @@ def train_directions(
         )
         spread = stats.std(0).clamp_min(1e-6).to(device)
     if cfg.decoded_invariance > 0 and spread is not None:
-        with torch.no_grad():
+        chunks = train.x.split(_CHUNK)
+        with torch.no_grad():  # one background mask per image, for the grain and the core
+            masks = [background_mask(xb) for xb in chunks]
             grain = torch.cat(
-                [background_noise(xb, background_mask(xb)) for xb in train.x.split(256)]
+                [background_noise(xb, m) for xb, m in zip(chunks, masks, strict=True)]
             )
         noise_spread = grain.std().clamp_min(1e-6).to(device)
-        core = core_hold(cfg.decoded_core, train, gain_channel, device)
+        core = core_hold(cfg.decoded_core, train, gain_channel, device, masks)
         info(
             f"directions: decoded invariance on {cfg.decoded_images} images per batch, "
             f"{cfg.decoded_steps} DDIM steps (grain sd {float(noise_spread):.3g})"
