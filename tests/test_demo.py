@@ -75,6 +75,13 @@ def test_quick_demo_writes_every_stage(demo_run: Path) -> None:
         assert sets["close"] == (sets["margin"] < 2 * sets["margin_se"])
     # all_pairs holds float32 means, the choice float64 ones: equal to float32 precision
     assert sets["best_mean_delta_p"] == pytest.approx(best, abs=1e-6)
+    # every pair is measured against its reconstruction: legibility is its clearest cell
+    # measurement's consistency, and nothing the acquisition sets is among them
+    for p in ranking["all_pairs"]:
+        measured = p["measured"]
+        assert measured and not set(measured) & {"background", "noise", "brightness"}
+        top = max(m["consistency"] for m in measured.values())
+        assert p["legibility"] == pytest.approx(top)
     for d in ranking["directions"]:
         assert d["direction"] // 3 == sets["chosen"]
     # every ranked edit and the reference are calibrated against the classifier's recall on real
@@ -506,3 +513,28 @@ def test_explain_unranked_pairs(demo_run: Path, tmp_path: Path, capsys) -> None:
     assert own["label"].startswith("not ranked")
     for figure in FIGURES[:-2]:
         assert (run / "explanations" / name / figure).is_file()
+
+
+def test_rank_legible_within_picks_the_most_legible_edit_near_the_best(
+    demo_run: Path, tmp_path: Path
+) -> None:
+    """``rank --legible-within`` ranks first the most legible edit among those within that
+    share of the best delta-p over every restart, from the restart that holds it."""
+    from diffex.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    args = ["--device", "cpu", "rank", "--run", str(run), "--m", "2", "--n-images", "12"]
+    assert main([*args, "--ddim-steps", "8", "--no-calibrate", "--legible-within", "0.5"]) == 0
+    ranking = read_json(run / "ranking.json")
+    assert ranking["config"]["legible_within"] == 0.5
+    sets = ranking["restarts"]
+    assert "most legible" in sets["rule"] and sets["margin"] is None
+    pairs = [p for p in ranking["all_pairs"] if not p["artifact_flags"]]
+    best = max(p["mean_delta_p"] for p in pairs)
+    near = [p for p in pairs if p["mean_delta_p"] >= best - 0.5 * abs(best)]
+    pick = max(near, key=lambda p: (p["legibility"], p["mean_delta_p"]))
+    assert sets["chosen"] == pick["restart"]
+    if ranking["directions"]:  # the toy run may rank none (threshold)
+        first = ranking["directions"][0]
+        assert (first["direction"], first["sign"]) == (pick["direction"], pick["sign"])

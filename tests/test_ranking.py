@@ -14,6 +14,7 @@ from diffex.explain.ranking import (
     best_restart,
     edit_effects,
     format_ranking,
+    legible_pick,
     restart_margin,
 )
 
@@ -424,6 +425,59 @@ def test_restart_margin_is_the_paired_difference_of_the_best_edits() -> None:
     }
     lone = restart_margin(close, 1, 2, flagged={(2, 1), (2, -1), (3, 1), (3, -1)})
     assert lone["runner_up"] is None and not lone["close"]
+
+
+def test_legible_pick_takes_the_most_legible_edit_within_the_share() -> None:
+    means = np.array([[0.80, -0.1], [0.74, 0.70], [-np.inf, 0.50]])
+    leg = np.array([[2.0, 9.0], [3.0, 4.0], [9.0, 9.0]])
+    assert legible_pick(means) == (0, 0)  # delta-p alone
+    assert legible_pick(means, leg, 0.0) == (0, 0)
+    assert legible_pick(means, leg, 0.05) == (0, 0)  # bar 0.76: only the best
+    assert legible_pick(means, leg, 0.10) == (1, 0)  # bar 0.72: 0.74 is more legible than 0.80
+    assert legible_pick(means, leg, 0.15) == (1, 1)  # bar 0.68: legibility 4 beats 3 and 2
+    # bar 0.08: (2, +) may not be ranked (-inf) and (0, -) is under the bar, however legible
+    assert legible_pick(means, leg, 0.9) == (2, 1)
+    # equal legibility: the larger delta-p; NaN legibility counts as least legible
+    assert legible_pick(means, np.full((3, 2), 1.0), 0.5) == (0, 0)
+    nan_leg = np.array([[np.nan, 0.0], [0.5, 0.0], [0.0, 0.0]])
+    assert legible_pick(means, nan_leg, 0.1) == (1, 0)
+    # a bar from elsewhere that no pair reaches: the largest delta-p
+    assert legible_pick(means, leg, 0.1, reference=2.0) == (0, 0)
+
+
+def test_attfind_and_restarts_prefer_a_legible_edit_within_the_share() -> None:
+    # two restarts of K=2: direction 2 (+) raises p(1) most (0.8); direction 0 (+) a little
+    # less (0.75) but, by the legibility given, changes one measurement far more clearly
+    eff = _two_sets([0.75] * 4, [0.8] * 4)
+    leg = np.array([[5.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    assert best_restart(eff, 1, 2)[0] == 1
+    assert best_restart(eff, 1, 2, legibility=leg, legible_within=0.1)[0] == 0
+    assert best_restart(eff, 1, 2, legibility=leg, legible_within=0.05)[0] == 1
+    ranked = attfind(eff, 1, 1, threshold=0.05, legibility=leg, legible_within=0.1)
+    assert [(d.direction, d.sign) for d in ranked] == [(0, 1)]
+    assert ranked[0].mean_delta_p_round == pytest.approx(0.75)  # the pick's own delta-p
+    # within restart 0 alone its own best is 0.75; with the best over both sets (0.8) as round
+    # 0's bar, the restart's first pick is the one best_restart chose
+    only0 = dict(candidates=range(2), legibility=leg, legible_within=0.1, threshold=0.05)
+    assert attfind(eff, 1, 1, first_best=0.8, **only0)[0].direction == 0
+    with pytest.raises(DiffexError, match="legible_within"):
+        attfind(eff, 1, 1, legibility=leg, legible_within=1.0)
+    with pytest.raises(DiffexError, match="legibility must be"):
+        attfind(eff, 1, 1, legibility=leg[:3], legible_within=0.1)
+    with pytest.raises(DiffexError, match="legibility must be"):
+        best_restart(eff, 1, 2, legibility=leg[:3], legible_within=0.1)
+
+
+def test_rank_refuses_a_bad_legible_share(tmp_path, capsys):
+    from diffex.cli import main
+    from diffex.explain.rank import RankConfig
+
+    with pytest.raises(DiffexError, match="legible_within must be a share"):
+        RankConfig(legible_within=1.0)
+    for cmd in (["rank", "--run", str(tmp_path)], ["demo", "--out", str(tmp_path)]):
+        assert main([*cmd, "--legible-within", "1.5"]) == 2
+        err = capsys.readouterr().err
+        assert "--legible-within" in err and "Traceback" not in err
 
 
 def test_source_split_takes_a_split_name_or_its_data_not_both():

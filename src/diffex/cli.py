@@ -372,6 +372,13 @@ GAIN_MARGIN_HELP = (
     "decoder (BENCHMARKS: 'Gains bounded to the data') [default: unbounded]."
 )
 
+LEGIBLE_WITHIN_HELP = (
+    "Let each ranked pick be the most legible edit (the one whose clearest cell measurement "
+    "changes most consistently from cell to cell; imaging measurements do not count) among "
+    "the edits that raise p(target) by at least (1 - this share) of the best; 0: by delta-p "
+    "alone (BENCHMARKS: 'Legible edits')."
+)
+
 INVERSION_REFINE_HELP = (
     "Refine the DDIM inversion of each image by fixed-point iteration, up to this many more "
     "UNet calls per level, so that decoding its x_T gives the image back (0: plain inversion, "
@@ -392,6 +399,10 @@ SHARED_OPTIONS: dict[str, dict[str, Any]] = {
     "decoded_core": {"decls": ("--decoded-core",), "type": click.FloatRange(min=0)},
     "decoded_every": {"decls": ("--decoded-every",), "type": click.IntRange(min=1)},
     "axis_invariance": {"decls": ("--axis-invariance",), "type": click.FloatRange(min=0)},
+    "legible_within": {
+        "decls": ("--legible-within",),
+        "type": click.FloatRange(min=0, max=1, max_open=True),
+    },
     "z_norm": {"decls": ("--z-norm/--no-z-norm",)},
     "classifier_output": {  # models.autoencoder.CLASSIFIER_OUTPUTS (no torch import here)
         "decls": ("--classifier-output",),
@@ -1064,6 +1075,7 @@ def train_directions_cmd(opts: Options, run: Path, **kw: Any) -> None:
     is_flag=True,
     help="Rank directions the artifact guard flags (noise, background) too.",
 )
+@_shared_option("legible_within", 0.0, LEGIBLE_WITHIN_HELP)
 @_gain_margin_option()
 @_inversion_option()
 @_precision_option(_DECODE_PRECISION)
@@ -1432,6 +1444,9 @@ def report(run: Path, out: Path | None) -> None:
 @_shared_option(
     "decoded_every", None, DECODED_EVERY_HELP + " The directions stage [default: the preset's]."
 )
+@_shared_option(
+    "legible_within", None, LEGIBLE_WITHIN_HELP + " The rank stage [default: the preset's, 0]."
+)
 @click.option(
     "--directions-steps",
     type=click.IntRange(min=1),
@@ -1460,6 +1475,7 @@ def demo(
     decoded_core: float | None,
     decoded_every: int | None,
     directions_steps: int | None,
+    legible_within: float | None,
     alpha: float | None,
     **kw: Any,
 ) -> None:
@@ -1508,6 +1524,7 @@ def demo(
             ("--decoded-core", decoded_core, ("directions",), "decoded_core"),
             ("--decoded-every", decoded_every, ("directions",), "decoded_every"),
             ("--directions-steps", directions_steps, ("directions",), "steps"),
+            ("--legible-within", legible_within, ("rank",), "legible_within"),
             ("--z-norm", z_norm, ("autoencoder",), "z_norm"),
         ],
     )

@@ -15,13 +15,12 @@ from scipy.stats import spearmanr
 
 from diffex.config import INVERSION_REFINE
 from diffex.data.loading import DataPlan, SplitData, load_split
-from diffex.data.measure import CIRCULAR, MEASUREMENTS, measure_batch, measure_real
+from diffex.data.measure import CIRCULAR, MEASUREMENTS, measure_batch
 from diffex.errors import DiffexError
 from diffex.explain.figures import (
     alpha_strip,
     channel_panels,
     difference_map,
-    feature_stats,
     morphology_readout,
     morphology_table_png,
     probability_curve,
@@ -30,6 +29,7 @@ from diffex.explain.figures import (
 )
 from diffex.explain.guard import flagged_frames, imaging_drift, reference_spread, sweep_checks
 from diffex.explain.latents import encode_cached
+from diffex.explain.legibility import real_class_stats
 from diffex.explain.methods import load_direction_set
 from diffex.explain.rank import heldout_split, prober, source_images
 from diffex.explain.support import PAST_SHARE, axis_range, past_data_share, past_frames
@@ -181,7 +181,7 @@ def explain_run(
     z, x_T = encode_cached(ae, run, x, keys, cfg.ddim_steps, cfg.batch_size)
     probs = prober(ae)
     out = dset.folder / "explanations"
-    class_stats, spot_floor = _class_stats(plan) if cfg.measure else (None, None)
+    class_stats, spot_floor = real_class_stats(plan) if cfg.measure else (None, None)
     gain_channel = plan.measure_channels.get("nucleus")
     spread = _guard_spread(plan, held, gain_channel, cfg.seed)
     bounds = axis_range(dset.space, z_train, target)
@@ -319,18 +319,3 @@ def _guard_spread(
 def _source_name(plan: DataPlan, target: int) -> str:
     """The class the target is compared with (the other class, or the first non-target one)."""
     return next(c for i, c in enumerate(plan.classes) if i != target)
-
-
-def _class_stats(plan: DataPlan) -> tuple[dict[str, Any], float | None]:
-    """Measurements of real held-out cells per class (validation split), measured once, and
-    the spot-noise floor of those cells (:func:`diffex.data.measure.measure_real`) that
-    generated frames are measured with."""
-    data = load_split(plan, "val")
-    measured, floor = measure_real(plan.normalization.to_unit(data.x), plan.measure_channels)
-    y = data.y.numpy()
-    stats = {
-        c: feature_stats({k: v[y == i] for k, v in measured.items()})
-        for i, c in enumerate(plan.classes)
-        if (y == i).any()
-    }
-    return stats, floor

@@ -16,6 +16,7 @@ from diffex.errors import DiffexError
 from diffex.evaluate.counterfactual import effect
 from diffex.explain.guard import artifact_flags, artifact_measures, reference_spread
 from diffex.explain.latents import encode_cached
+from diffex.explain.legibility import class_gaps, edit_measurements, real_class_stats
 from diffex.explain.ranking import (
     SIGNS,
     attfind,
@@ -43,7 +44,10 @@ class RankConfig:
     ``gain_margin``: bound the UNet's z gains to their range over the training images, widened
     by this share of it (None: unbounded; BENCHMARKS: "Gains bounded to the data").
     ``inversion_refine``: fixed-point refinement of the DDIM inversion (0: plain; BENCHMARKS:
-    "Exact inversion")."""
+    "Exact inversion").
+    ``legible_within``: 0 ranks by delta-p alone; a share > 0 lets each pick be the most
+    legible edit (:mod:`diffex.explain.legibility`) among those within that share of the best
+    delta-p (BENCHMARKS: "Legible edits")."""
 
     target: str | None = None
     alpha: float | None = None
@@ -64,6 +68,7 @@ class RankConfig:
     precision: str = "auto"
     gain_margin: float | None = None
     inversion_refine: int = INVERSION_REFINE
+    legible_within: float = 0.0
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -79,6 +84,10 @@ class RankConfig:
             raise DiffexError(f"max_cosine must be in (0, 1], got {self.max_cosine}")
         if not 0 <= self.min_explained <= 1:
             raise DiffexError(f"min_explained must be a share in [0, 1], got {self.min_explained}")
+        if not 0 <= self.legible_within < 1:
+            raise DiffexError(
+                f"legible_within must be a share in [0, 1), got {self.legible_within}"
+            )
         if self.n_images < 1 or self.ddim_steps < 1:
             raise DiffexError("n_images and ddim_steps must be >= 1")
 
@@ -211,6 +220,7 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
     pairs: list[dict[str, Any]] = []
     delta = effects.delta(target)
     flipped = (effects.pred_edit == target) & (effects.pred_recon != target)[None, None]
+    legibility, changes = measure_edits(plan, target, recon_unit, unit(effects.edited))
     for k in range(editor.k):
         for si, sign in enumerate(SIGNS):
             measures = artifact_measures(recon_unit, unit(effects.edited[k, si]))
@@ -223,9 +233,13 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
                     "mean_delta_p": float(delta[k, si].mean()),
                     "flip_rate": float(flipped[k, si].mean()),
                     "artifact_flags": flags[(k, sign)],
+                    "legibility": float(legibility[k, si]),
+                    "measured": changes[k][si],
                 }
             )
-    chosen, restart = restart_choice(effects, target, k_set, restarts, flags, cfg, len(x))
+    chosen, restart = restart_choice(
+        effects, target, k_set, restarts, flags, cfg, len(x), legibility
+    )
     ranked = attfind(
         effects,
         target,
@@ -238,6 +252,9 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
         shifts=mean_shifts(editor, z),
         max_cosine=cfg.max_cosine,
         candidates=range(chosen * k_set, (chosen + 1) * k_set),
+        first_best=overall_best(restart),
+        legibility=legibility,
+        legible_within=cfg.legible_within,
     )
     info("rank:\n" + format_ranking(ranked) + f"\nrank: stopped because {ranked.stop_reason}")
     reference = class_mean_reference(
@@ -275,17 +292,28 @@ def restart_choice(
     flags: dict[tuple[int, int], list[str]],
     cfg: RankConfig,
     n_images: int,
+    legibility: np.ndarray | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """Which restart's directions AttFind ranks: the set whose best rankable edit raises
-    p(target) most on the source images (:func:`diffex.explain.ranking.best_restart`); the
-    index and what ranking.json records about the choice."""
+    p(target) most on the source images (:func:`diffex.explain.ranking.best_restart`), or with
+    ``cfg.legible_within`` > 0 the set holding the most legible edit within that share of the
+    best; the index and what ranking.json records about the choice."""
     if restarts == 1:
         return 0, {"n": 1, "k": k_set, "chosen": 0}
     args = (effects, target, k_set, flags, not cfg.keep_flagged, np.arange(n_images))
-    chosen, best = best_restart(*args)
-    margin = restart_margin(*args)
+    legible = legibility is not None and cfg.legible_within > 0
+    chosen, best = best_restart(*args, legibility=legibility, legible_within=cfg.legible_within)
     shown = ", ".join(f"{b:.3f}" for b in best)
     info(f"rank: best mean delta-p of each restart: {shown}; ranking restart {chosen}")
+    rule = "the restart whose best edit (not flagged) raises p(target) most"
+    margin: dict[str, Any] = {"runner_up": None, "margin": None, "margin_se": None, "close": False}
+    if legible:  # the margin compares the sets' best delta-p, which this rule does not choose by
+        rule = (
+            "the restart holding the most legible edit (not flagged) among those within "
+            f"{cfg.legible_within:.0%} of the best delta-p"
+        )
+    else:
+        margin = restart_margin(*args)
     if margin["close"]:
         warn(
             f"rank: a close call: restart {chosen}'s best edit beats restart "
@@ -297,9 +325,30 @@ def restart_choice(
         "k": k_set,
         "chosen": chosen,
         "best_mean_delta_p": [b if np.isfinite(b) else None for b in best],
-        "rule": "the restart whose best edit (not flagged) raises p(target) most",
+        "rule": rule,
         **margin,
     }
+
+
+def overall_best(restart: dict[str, Any]) -> float | None:
+    """The best delta-p over every restart (None with one set or none rankable)."""
+    best = [b for b in restart.get("best_mean_delta_p", []) if b is not None]
+    return max(best) if best else None
+
+
+def measure_edits(
+    plan: DataPlan, target: int, recon_unit: torch.Tensor, edited_unit: torch.Tensor
+) -> tuple[np.ndarray, list[list[dict[str, dict[str, float]]]]]:
+    """Legibility (K, 2) and measured changes of every edit (:mod:`diffex.explain.legibility`),
+    with changes as fractions of the class gap when there are two classes."""
+    info("rank: measuring every edit against its reconstruction")
+    stats, floor = real_class_stats(plan)
+    gaps = None
+    if len(plan.classes) == 2 and len(stats) == 2:
+        gaps = class_gaps(stats, plan.classes[1 - target], plan.classes[target])
+    return edit_measurements(
+        np.asarray(recon_unit), np.asarray(edited_unit), plan.measure_channels, floor, gaps
+    )
 
 
 def mean_shifts(editor: LatentEditor, z: torch.Tensor) -> np.ndarray:

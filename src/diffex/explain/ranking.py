@@ -334,6 +334,9 @@ def attfind(
     shifts: np.ndarray | None = None,
     max_cosine: float = 1.0,
     candidates: Iterable[int] | None = None,
+    legibility: np.ndarray | None = None,
+    legible_within: float = 0.0,
+    first_best: float | None = None,
 ) -> Ranking:
     """Greedy AttFind ranking of (direction, sign) pairs for class ``target``.
 
@@ -365,6 +368,13 @@ def attfind(
     ``flagged`` maps (k, s) to artifact flags (or is a set of pairs); with
     ``skip_flagged=False`` flagged pairs may be chosen and carry their flags. ``candidates``
     limits the ranking to those directions (default: all K), for example one restart's set.
+
+    With ``legibility`` (K, 2) and ``legible_within`` > 0, step 2 picks, among the candidates
+    whose mean is at least (1 - ``legible_within``) times the best one, the most legible
+    (:func:`legible_pick`; :mod:`diffex.explain.legibility`); steps 3 and 4 then use that
+    pick's own mean. ``first_best``: the best mean that round 0's bar is taken from, when it is
+    not this ranking's own (the best over every restart, so that the restart chosen by
+    :func:`best_restart` ranks the same first edit).
     """
     if isinstance(M, bool) or not isinstance(M, (int, np.integer)) or M < 1:
         raise DiffexError(f"number of directions to rank M must be a positive integer, got {M!r}")
@@ -381,6 +391,7 @@ def attfind(
         )
     if not 0 < max_cosine <= 1:
         raise DiffexError(f"max_cosine must be in (0, 1], got {max_cosine}")
+    _check_legibility(legibility, legible_within, K)
     cosine = None
     if shifts is not None:
         if np.shape(shifts)[0] != K or np.ndim(shifts) != 2:
@@ -408,7 +419,7 @@ def attfind(
             break
         means = delta[:, :, remaining].mean(axis=2)
         means = np.where(allowed & np.isfinite(means), means, -np.inf)
-        k, si = np.unravel_index(int(np.argmax(means)), means.shape)
+        k, si = legible_pick(means, legibility, legible_within, first_best if r == 0 else None)
         best = float(means[k, si])
         s = SIGNS[si]
         name = f"direction {int(k)} ({'+' if s > 0 else '-'})"
@@ -450,6 +461,38 @@ def attfind(
             allowed[same, :] = False
         allowed[k, :] = False
     return ranked
+
+
+def _check_legibility(legibility: np.ndarray | None, within: float, K: int) -> None:
+    if not 0 <= within < 1:
+        raise DiffexError(f"legible_within must be a share in [0, 1), got {within}")
+    if legibility is not None and np.shape(legibility) != (K, 2):
+        raise DiffexError(f"legibility must be (K={K}, 2), got shape {np.shape(legibility)}")
+
+
+def legible_pick(
+    means: np.ndarray,
+    legibility: np.ndarray | None = None,
+    within: float = 0.0,
+    reference: float | None = None,
+) -> tuple[int, int]:
+    """The (direction, sign index) to pick from (K, 2) ``means`` (-inf: not allowed).
+
+    Without ``legibility`` or with ``within`` = 0: the largest mean (ties: lowest k, then +1).
+    Otherwise the most legible pair whose mean is at least the bar ``reference - within *
+    |reference|`` (``reference`` defaults to the largest mean); ties go to the larger mean. If
+    no allowed pair reaches the bar (a ``reference`` from elsewhere), the largest mean."""
+    top = np.unravel_index(int(np.argmax(means)), means.shape)
+    if legibility is None or within <= 0 or not np.isfinite(means[top]):
+        return int(top[0]), int(top[1])
+    ref = float(means[top]) if reference is None else float(reference)
+    ok = np.isfinite(means) & (means >= ref - within * abs(ref))
+    if not ok.any():
+        return int(top[0]), int(top[1])
+    leg = np.nan_to_num(np.asarray(legibility, dtype=np.float64), nan=-1.0, posinf=1e12)
+    order = np.lexsort((-means.ravel(), -np.where(ok, leg, -np.inf).ravel()))
+    k, si = np.unravel_index(int(order[0]), means.shape)
+    return int(k), int(si)
 
 
 def _allowed_pairs(
@@ -499,15 +542,21 @@ def best_restart(
     flagged: Mapping[Pair, Sequence[str]] | Iterable[Pair] | None = None,
     skip_flagged: bool = True,
     images: np.ndarray | Sequence[int] | None = None,
+    legibility: np.ndarray | None = None,
+    legible_within: float = 0.0,
 ) -> tuple[int, list[float]]:
     """The restart (consecutive sets of ``k`` directions) whose best edit moves the classifier
     most: for each set, the largest mean delta-p over the source images of its (direction,
     sign) pairs that AttFind may rank (``flagged``, ``skip_flagged`` and ``images`` as in
     :func:`attfind`); that edit is the set's first AttFind pick. Returns (the chosen restart,
     each set's best mean delta-p); ties go to the earlier restart, and a set with no rankable
-    pair scores -inf."""
+    pair scores -inf. With ``legibility`` and ``legible_within`` > 0 (see :func:`attfind`) the
+    chosen set is the one that holds :func:`legible_pick`'s pair over every set."""
     means, _ = _restart_means(effects, target, k, flagged, skip_flagged, images)
+    _check_legibility(legibility, legible_within, len(means))
     best = [float(means[r * k : (r + 1) * k].max()) for r in range(len(means) // k)]
+    if legibility is not None and legible_within > 0 and np.isfinite(means).any():
+        return legible_pick(means, legibility, legible_within)[0] // k, best
     return int(np.argmax(best)), best
 
 
