@@ -449,3 +449,12 @@ def test_train_directions_with_the_decoded_penalty(demo_run, tmp_path) -> None:
     train = read_json(run / "directions" / "config.json")["train"]
     assert train["decoded_invariance"] == 0.5 and train["decoded_steps"] == 2
     assert train["decoded_core"] == 0.3 and train["decoded_every"] == 2
+    # the decoded penalty edits with the batch's own forward pass: the non-linear directions'
+    # BatchNorm sees one batch per step (not the penalty's few images as a second one), and
+    # a single decoded image works
+    assert main([*args, "--decoded-invariance", "0.5", "--decoded-images", "1"]) == 0
+    from safetensors.torch import load_file
+
+    weights = load_file(run / "directions" / "model.safetensors")
+    tracked = [int(v) for k, v in weights.items() if k.endswith("num_batches_tracked")]
+    assert tracked and set(tracked) == {2}

@@ -295,13 +295,18 @@ def decoded_penalty(
     area_channel: int | None = None,
     bf16: bool = False,
     core: tuple[Tensor, float] | None = None,
+    units: Tensor | None = None,
 ) -> Tensor:
     """The invariance penalty of every edit of images ``x`` (z_sem ``z``) at +alpha and -alpha,
     decoded in ``steps`` DDIM steps from the images' exact inversion (the autoencoder's
     refinement), against their unedited decode, plus the squared change of their background's
     grain in units of ``noise_spread`` and, with ``core`` = (sd, weight) and a ``gain_channel``,
     weight times the squared change of the nucleus core's brightness in units of sd. Gradients
-    flow through the whole decode."""
+    flow through the whole decode. ``units`` (K, n, D): the edits' standardised unit shifts as
+    the training batch's forward pass computed them; pass them, since a direction model with
+    BatchNorm run on these few images alone would normalise over them (over two images every
+    hidden unit becomes +-1): other edits than the ones explained, and noisy running statistics.
+    Without them the editor is run on ``z``."""
     eps = ae.eps_fn(bf16)
     refine, tol = max(ae.inversion_refine, 1), ae.inversion_tol
     with torch.no_grad():
@@ -309,7 +314,11 @@ def decoded_penalty(
         base = ddim_decode(eps, x_T, steps, ae.schedule, z).clamp(-1, 1)
     space = editor.space
     zs = space.standardise(z)
-    step = alpha * space.gap * editor.directions.units(zs)  # (K, n, D)
+    if units is None:
+        units = editor.directions.units(zs)
+    elif units.shape[:2] != (editor.k, len(z)):
+        raise DiffexError(f"units of shape {tuple(units.shape)} for K={editor.k}, n={len(z)}")
+    step = alpha * space.gap * units  # (K, n, D)
     rows = 2 * step.shape[0]
     edited = torch.cat([zs[None] + step, zs[None] - step]).reshape(rows * len(z), -1)
     z_edit = space.unstandardise(edited)
@@ -508,6 +517,7 @@ def train_directions(
                     area_channel,
                     bf16,
                     core,
+                    units=units[:, :n],  # the batch's edits (BatchNorm over the whole batch)
                 )
                 loss = loss + cfg.decoded_invariance * decoded
                 out["decoded_invariance"] = decoded
