@@ -182,8 +182,15 @@ def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
             "decoded_core": 0.0,
             "decoded_every": 1,
         },
-        # rank's own legacy settings: fp32 decodes, unbounded gains, plain inversion
-        "rank": {"m": 3, "precision": "fp32", "gain_margin": None, "inversion_refine": 0},
+        # rank's own legacy settings: fp32 decodes, unbounded gains, plain inversion, by
+        # delta-p alone
+        "rank": {
+            "m": 3,
+            "precision": "fp32",
+            "gain_margin": None,
+            "inversion_refine": 0,
+            "legible_within": 0.0,
+        },
     }
     assert _done(tmp_path, "rank", now)
     assert not _done(tmp_path, "rank", {**now, "directions": {**now["directions"], "restarts": 2}})
@@ -203,6 +210,7 @@ def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
     for later in later_settings:  # added after restarts
         assert not _done(tmp_path, "rank", {**now, "directions": {**now["directions"], **later}})
     assert not _done(tmp_path, "rank", {**now, "rank": {**now["rank"], "m": 4}})
+    assert not _done(tmp_path, "rank", {**now, "rank": {**now["rank"], "legible_within": 0.1}})
     assert not _done(tmp_path, "explain", now)  # no marker
 
 
@@ -275,6 +283,7 @@ def test_marker_from_before_decode_precision_means_fp32(tmp_path: Path) -> None:
                 for s in ("rank", "explain", "evaluate")
             },
         }
+        now["rank"]["legible_within"] = 0.0
         assert _done(tmp_path, "evaluate", now)
         for setting in (
             {"precision": "bf16"},

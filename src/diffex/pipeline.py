@@ -174,7 +174,8 @@ def _stage_marker(out: Path, stage: str) -> Path:
 #: unconstrained, without ``hold_area`` holding no area, without ``t_edit_max`` at
 #: t_edit only and without ``decoded_invariance`` without that penalty; rank, explain and
 #: evaluate recorded without ``precision`` decoded in fp32, without ``gain_margin`` left the
-#: UNet's z gains unbounded and without ``inversion_refine`` inverted plainly.
+#: UNet's z gains unbounded and without ``inversion_refine`` inverted plainly; rank recorded
+#: without ``legible_within`` ranked by delta-p alone.
 LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
     "classifier": {"gain_sd": 0.0, "stem_stride": None},
     "autoencoder": {
@@ -200,8 +201,9 @@ LEGACY_SETTINGS: dict[str, dict[str, Any]] = {
     },
     **{
         stage: {"precision": "fp32", "gain_margin": None, "inversion_refine": 0}
-        for stage in ("rank", "explain", "evaluate")
+        for stage in ("explain", "evaluate")
     },
+    "rank": {"precision": "fp32", "gain_margin": None, "inversion_refine": 0, "legible_within": 0},
 }
 
 
