@@ -32,10 +32,16 @@ def test_imaging_and_rotation_never_count() -> None:
         assert name not in CELL_MEASUREMENTS
 
 
-def test_class_gaps_skip_missing_and_zero_gaps() -> None:
+def test_class_gaps_keep_only_gaps_the_readout_counts() -> None:
+    """As in the morphology readout: no gap for a missing measurement, an equal mean, or a
+    difference under 0.2 pooled sds (here cell area: 2 against an sd of 20)."""
+
+    def row(mean: float, sd: float) -> dict[str, float]:
+        return {"mean": mean, "sd": sd, "n": 200}
+
     stats = {
-        "a": {"nucleus_area": {"mean": 100.0}, "cell_area": {"mean": 5.0}},
-        "b": {"nucleus_area": {"mean": 130.0}, "cell_area": {"mean": 5.0}},
+        "a": {"nucleus_area": row(100, 20), "cell_area": row(500, 20), "elongation": row(1, 0)},
+        "b": {"nucleus_area": row(130, 20), "cell_area": row(502, 20), "elongation": row(1, 0)},
     }
     assert class_gaps(stats, "a", "b") == {"nucleus_area": 30.0}
 

@@ -434,6 +434,25 @@ MIN_GAP_SD = 0.2
 MIN_GAP_SE = 2.0
 
 
+def real_gap(source: Mapping[str, float], target: Mapping[str, float]) -> float | None:
+    """Target minus source class mean of one measurement (``{mean, sd, n}`` of each class, as
+    :func:`feature_stats` gives), or None when the classes do not differ in it: a gap under
+    ``MIN_GAP_SD`` pooled sds or, with class sizes known, within ``MIN_GAP_SE`` standard errors
+    of 0; without sds, only an exact 0 (or NaN)."""
+    mu_s, mu_t = float(source.get("mean", np.nan)), float(target.get("mean", np.nan))
+    sd_s, sd_t = float(source.get("sd", np.nan)), float(target.get("sd", np.nan))
+    gap = mu_t - mu_s
+    if not np.isfinite(gap):
+        return None
+    pooled = float(np.sqrt(0.5 * (sd_s**2 + sd_t**2)))
+    n_s, n_t = float(source.get("n", np.nan)), float(target.get("n", np.nan))
+    se = float(np.sqrt(sd_s**2 / n_s + sd_t**2 / n_t)) if n_s > 0 and n_t > 0 else 0.0
+    se = se if np.isfinite(se) else 0.0
+    if np.isfinite(pooled) and pooled > 0:
+        return gap if abs(gap) >= max(MIN_GAP_SD * pooled, MIN_GAP_SE * se) else None
+    return gap if abs(gap) > 1e-12 else None
+
+
 def class_feature_stats(
     class_unit: Mapping[str, Any],
     channels: Mapping[str, int] | None = None,
@@ -550,13 +569,7 @@ def morphology_readout(
         sd_s, sd_t = float(s_src.get("sd", np.nan)), float(s_tgt.get("sd", np.nan))
         pooled = float(np.sqrt(0.5 * (sd_s**2 + sd_t**2)))
         gap = mu_t - mu_s
-        n_s, n_t = float(s_src.get("n", np.nan)), float(s_tgt.get("n", np.nan))
-        se = float(np.sqrt(sd_s**2 / n_s + sd_t**2 / n_t)) if n_s > 0 and n_t > 0 else 0.0
-        se = se if np.isfinite(se) else 0.0
-        if np.isfinite(pooled) and pooled > 0:
-            has_gap = abs(gap) >= max(MIN_GAP_SD * pooled, MIN_GAP_SE * se)
-        else:
-            has_gap = np.isfinite(gap) and abs(gap) > 1e-12
+        has_gap = real_gap(s_src, s_tgt) is not None
         row: dict[str, Any] = {"feature": feat, "n": n}
         if n == 0:
             row.update(dict.fromkeys(_ROW_KEYS, float("nan")))

@@ -30,7 +30,7 @@ from diffex.data.measure import (
     measure_batch,
     measure_real,
 )
-from diffex.explain.figures import feature_stats
+from diffex.explain.figures import feature_stats, real_gap
 
 #: Measurements that count towards legibility: the cell's own, not the acquisition's.
 CELL_MEASUREMENTS: tuple[str, ...] = tuple(
@@ -106,13 +106,11 @@ def edit_measurements(
 
 
 def class_gaps(stats: Mapping[str, Any], source: str, target: str) -> dict[str, float]:
-    """Target minus source class mean of each measurement (NaN-free entries only)."""
+    """Target minus source class mean of each cell measurement in which the classes differ
+    (:func:`diffex.explain.figures.real_gap`, the morphology readout's rule)."""
     out = {}
     for f in CELL_MEASUREMENTS:
-        try:
-            gap = float(stats[target][f]["mean"]) - float(stats[source][f]["mean"])
-        except KeyError:
-            continue
-        if np.isfinite(gap) and gap != 0:
+        gap = real_gap(stats.get(source, {}).get(f, {}), stats.get(target, {}).get(f, {}))
+        if gap is not None:
             out[f] = gap
     return out
