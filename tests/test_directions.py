@@ -405,6 +405,14 @@ def test_decoded_penalty_is_zero_for_no_edit_and_trains_the_directions() -> None
     assert held.item() > pen(1.0).item()  # the core's squared change adds to the penalty
     small, large = pen(0.5), pen(1.0)
     assert 0 < small.item() < large.item()
+    # the edits may come from the batch's forward pass: the same units give the same penalty
+    units = trainer.editor.directions.units(trainer.editor.space.standardise(z[:2]))
+    given = decoded_penalty(trainer.editor, ae, z[:2], x[:2], 1.0, 3, spread, grain, 0, units=units)
+    assert given.item() == pytest.approx(large.item(), rel=1e-5)
+    with pytest.raises(DiffexError, match="units of shape"):
+        decoded_penalty(
+            trainer.editor, ae, z[:2], x[:2], 1.0, 3, spread, grain, 0, units=units[:, :1]
+        )
     large.backward()
     grads = [p.grad for p in trainer.editor.directions.parameters() if p.grad is not None]
     assert grads and any(float(g.abs().sum()) > 0 for g in grads)
