@@ -220,10 +220,11 @@ def rank_directions(run: str | Path, cfg: RankConfig, device: torch.device) -> d
     pairs: list[dict[str, Any]] = []
     delta = effects.delta(target)
     flipped = (effects.pred_edit == target) & (effects.pred_recon != target)[None, None]
-    legibility, changes = measure_edits(plan, target, recon_unit, unit(effects.edited))
+    edited_unit = unit(effects.edited)  # (K, 2, N, C, H, W), once for the guard and measures
+    legibility, changes = measure_edits(plan, target, recon_unit, edited_unit)
     for k in range(editor.k):
         for si, sign in enumerate(SIGNS):
-            measures = artifact_measures(recon_unit, unit(effects.edited[k, si]))
+            measures = artifact_measures(recon_unit, edited_unit[k, si])
             flags[(k, sign)] = artifact_flags(measures, spread)
             pairs.append(
                 {
