@@ -214,6 +214,42 @@ def test_marker_from_before_restarts_means_one_set(tmp_path: Path) -> None:
     assert not _done(tmp_path, "explain", now)  # no marker
 
 
+def test_directions_from_before_a_code_fix_are_retrained(tmp_path: Path) -> None:
+    """Directions trained with the decoded penalty before its BatchNorm fix (a marker without
+    the code revision) are stale, in their stage and the stages after it; directions without
+    that penalty, which the fix did not change, are still done."""
+    from diffex.io.atomic import write_json
+    from diffex.pipeline import LEGACY_SETTINGS, _done
+    from diffex.stages import code_revision, with_revision
+
+    for decoded, stale in ((2.0, True), (0.0, False)):
+        directions = {**LEGACY_SETTINGS["directions"], "k": 10, "decoded_invariance": decoded}
+        old = {"seed": 0, "directions": directions, "rank": {**LEGACY_SETTINGS["rank"], "m": 3}}
+        for stage in ("directions", "rank"):
+            write_json(tmp_path / ".stages" / f"{stage}.json", {"config": old, "seconds": 1.0})
+        now = {**old, "directions": with_revision("directions", old["directions"])}
+        for stage in ("directions", "rank"):
+            assert _done(tmp_path, stage, now) is not stale
+    assert code_revision("directions", {"decoded_invariance": 2.0}) == 1
+    assert code_revision("rank", {"decoded_invariance": 2.0}) == 0
+    assert with_revision("directions", {"decoded_invariance": 0.0}) == {"decoded_invariance": 0.0}
+
+
+def test_directions_checkpoint_fingerprint_has_the_code_revision(tmp_path: Path) -> None:
+    """A directions training checkpoint is fingerprinted with the code revision, so a run
+    interrupted before a fix is not continued by the fixed code."""
+    from diffex.rundir import RunDir
+    from diffex.train.directions import DirectionTrainConfig
+    from diffex.train.resume import stage_resume
+
+    def fingerprint(decoded: float) -> dict:
+        cfg = DirectionTrainConfig(decoded_invariance=decoded)
+        return stage_resume(RunDir(tmp_path), "directions", cfg, {}).fingerprint
+
+    assert fingerprint(2.0)["config"]["code_revision"] == 1
+    assert "code_revision" not in fingerprint(0.0)["config"]
+
+
 def test_marker_from_before_stem_stride_means_the_size_rule(tmp_path: Path) -> None:
     """A classifier marker written before ``stem_stride`` existed used the network's size rule
     (None): done for None, stale (retrained) for an explicit stride such as 2."""

@@ -22,7 +22,7 @@ from diffex.io.atomic import read_json, write_json
 from diffex.log import info, warn
 from diffex.models.external import ExternalSpec
 from diffex.report.html import build_report
-from diffex.stages import STAGES
+from diffex.stages import STAGES, with_revision
 from diffex.train.attach import AttachConfig, attach_classifier
 from diffex.train.autoencoder import AutoencoderTrainConfig, train_autoencoder
 from diffex.train.classifier import ClassifierTrainConfig, train_classifier
@@ -264,7 +264,7 @@ def run_demo(out: Path, cfg: DemoConfig, device: torch.device, seed: int = 0) ->
     stale: list[str] = []  # stages after the last one run, left from another configuration
     for stage in STAGES:  # the one order; ``steps`` only maps each stage to its work
         stage_cfg, fn = steps[stage]
-        upstream = {**upstream, stage: _settings(stage_cfg)}
+        upstream = {**upstream, stage: with_revision(stage, _settings(stage_cfg))}
         if stage not in cfg.stages:
             if _stage_marker(out, stage).is_file() and not _done(out, stage, upstream):
                 stale.append(stage)

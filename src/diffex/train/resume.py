@@ -22,6 +22,7 @@ from torch import nn
 
 from diffex.errors import DiffexError
 from diffex.io.atomic import read_json, write_atomic, write_json
+from diffex.stages import with_revision
 
 if TYPE_CHECKING:
     from diffex.rundir import RunDir
@@ -207,8 +208,10 @@ def stage_resume(
     **upstream: str,
 ) -> Resume:
     """The checkpoint of a stage: ``RUN/<stage>/<name>.safetensors``, fingerprinted by the
-    stage's settings plus ``upstream`` digests (data plan, weights it builds on)."""
-    fingerprint = {"stage": stage, "config": stage_settings(cfg), **upstream}
+    stage's settings and code revision (:func:`diffex.stages.code_revision`) plus ``upstream``
+    digests (data plan, weights it builds on)."""
+    config = with_revision(stage, stage_settings(cfg))
+    fingerprint = {"stage": stage, "config": config, **upstream}
     path = run.stage(stage) / f"{name}.safetensors"
     return Resume(path, cfg.checkpoint_every, fingerprint, generators)
 
