@@ -1382,10 +1382,13 @@ def report(run: Path, out: Path | None) -> None:
 )
 @click.option(
     "--preset",
-    type=click.Choice(["default", "fast", "quick"]),
+    type=click.Choice(["default", "fast", "quick", "classic"]),
     default="default",
     show_default=True,
-    help="quick: toy sizes for tests (about a minute); fast: the default on the patched "
+    help="default: patched networks, an autoencoder conditioned on the classifier's features, "
+    "a decoded invariance penalty and the legibility rule (about 26 minutes on 2 CPU cores); "
+    "quick: toy sizes for tests (about a minute); classic: the default until 2026-12-08 "
+    "(full-resolution autoencoder, one-step directions); fast: classic on the patched "
     "autoencoder (cpu64p) and a stride-2 classifier stem, 15 to 17.5 minutes on 2 CPU cores, "
     "but on seeds 0 to 2 its top directions also dimmed the stain on the half of the sweep "
     'away from the target (BENCHMARKS: "Patched networks").',

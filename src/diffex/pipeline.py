@@ -75,10 +75,14 @@ def apply_overrides(cfg: DemoConfig, overrides: list[Override]) -> DemoConfig:
 
 def demo_preset(name: str, seed: int = 0) -> DemoConfig:
     """``quick``: toy sizes for tests and CI (about a minute on 2 cores); ``default``: the CPU
-    demo that shows the real effect; ``fast``: ``default`` on the patched autoencoder
-    (``cpu64p``) and a stride-2 classifier stem, 15 to 17.5 minutes on 2 CPU cores, whose top
-    directions also dimmed the stain on the half of the sweep away from the target on seeds 0 to
-    2 (BENCHMARKS: "Patched networks")."""
+    demo that shows the real effect, ``fast``'s networks with an autoencoder conditioned on the
+    classifier's features, edits kept in the data's span, a decoded invariance penalty and the
+    legibility rule (about 26 minutes on 2 cores; BENCHMARKS: "The default since 2026-12-08");
+    ``classic``: the default until 2026-12-08 (full-resolution autoencoder, one-step
+    directions); ``fast``: ``classic`` on the patched autoencoder (``cpu64p``) and a stride-2
+    classifier stem, 15 to 17.5 minutes on 2 CPU cores, whose top directions also dimmed the
+    stain on the half of the sweep away from the target on seeds 0 to 2 (BENCHMARKS: "Patched
+    networks")."""
     if name == "quick":
         return DemoConfig(
             n=240,
@@ -115,15 +119,36 @@ def demo_preset(name: str, seed: int = 0) -> DemoConfig:
             ),
             preset="quick",
         )
+    if name == "default":
+        # Seeds 0 and 1 pass the ground-truth checks, 2 and 3 do not (seed 2's actin edit
+        # overshoots to 2.09 class gaps; seed 3's grows the cell with the nucleus); "classic"
+        # failed seed 0 on the reference Xeon and took 38.8 minutes (BENCHMARKS: "The default
+        # since 2026-12-08", "The decoded penalty's BatchNorm fix").
+        base = demo_preset("fast", seed)
+        return replace(
+            base,
+            autoencoder=replace(base.autoencoder, classifier_output="features"),
+            directions=replace(
+                base.directions,
+                alpha=3.5,
+                steps=240,
+                span=0.999,
+                decoded_invariance=2.0,
+                decoded_core=1.0,
+                decoded_every=2,
+            ),
+            rank=replace(base.rank, legible_within=0.1),
+            preset="default",
+        )
     if name == "fast":
-        base = demo_preset("default", seed)
+        base = demo_preset("classic", seed)
         return replace(
             base,
             classifier=replace(base.classifier, stem_stride=2),
             autoencoder=replace(base.autoencoder, preset="cpu64p"),
             preset="fast",
         )
-    if name == "default":
+    if name == "classic":
         return DemoConfig(
             n=3000,
             size=48,
@@ -156,9 +181,9 @@ def demo_preset(name: str, seed: int = 0) -> DemoConfig:
             rank=RankConfig(ddim_steps=10, seed=seed),
             explain=ExplainConfig(seed=seed),
             evaluate=EvaluateConfig(seed=seed),
-            preset="default",
+            preset="classic",
         )
-    raise DiffexError(f"unknown demo preset {name!r}; choose quick, default or fast")
+    raise DiffexError(f"unknown demo preset {name!r}; choose quick, default, fast or classic")
 
 
 def _stage_marker(out: Path, stage: str) -> Path:
