@@ -510,7 +510,8 @@ def test_fast_preset_is_classic_on_patched_networks() -> None:
 def test_default_preset_is_fast_with_the_measured_settings() -> None:
     """The default preset is ``fast`` with exactly the settings measured to pass seeds 0 and 1
     (BENCHMARKS): features conditioning, edits in the data's span at alpha 3.5 over 240 steps,
-    the decoded penalty with the nucleus core every second step, and the legibility rule."""
+    the decoded penalty with the nucleus core every second step, one set of directions, and the
+    legibility rule."""
     from dataclasses import replace
 
     from diffex.pipeline import demo_preset
@@ -519,7 +520,13 @@ def test_default_preset_is_fast_with_the_measured_settings() -> None:
     assert default.preset == "default" and default.directions.seed == 5
     assert default.autoencoder == replace(fast.autoencoder, classifier_output="features")
     moved = dict(
-        alpha=3.5, steps=240, span=0.999, decoded_invariance=2.0, decoded_core=1.0, decoded_every=2
+        restarts=1,
+        alpha=3.5,
+        steps=240,
+        span=0.999,
+        decoded_invariance=2.0,
+        decoded_core=1.0,
+        decoded_every=2,
     )
     assert default.directions == replace(fast.directions, **moved)
     assert default.rank == replace(fast.rank, legible_within=0.1)

@@ -128,8 +128,11 @@ def demo_preset(name: str, seed: int = 0) -> DemoConfig:
         return replace(
             base,
             autoencoder=replace(base.autoencoder, classifier_output="features"),
+            # one set of directions: on seeds 0 to 3 the second restart changed the verdict of
+            # none (seed 1 passes with either) and cost 6 minutes
             directions=replace(
                 base.directions,
+                restarts=1,
                 alpha=3.5,
                 steps=240,
                 span=0.999,
