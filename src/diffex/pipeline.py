@@ -76,8 +76,9 @@ def apply_overrides(cfg: DemoConfig, overrides: list[Override]) -> DemoConfig:
 def demo_preset(name: str, seed: int = 0) -> DemoConfig:
     """``quick``: toy sizes for tests and CI (about a minute on 2 cores); ``default``: the CPU
     demo that shows the real effect, ``fast``'s networks with an autoencoder conditioned on the
-    classifier's features, edits kept in the data's span, a decoded invariance penalty and the
-    legibility rule (about 26 minutes on 2 cores; BENCHMARKS: "The default since 2026-12-08");
+    classifier's features, edits kept in the data's span, a decoded invariance penalty, one set
+    of directions and the legibility rule (about 19 minutes on 2 cores; BENCHMARKS: "The
+    default since 2026-12-08");
     ``classic``: the default until 2026-12-08 (full-resolution autoencoder, one-step
     directions); ``fast``: ``classic`` on the patched autoencoder (``cpu64p``) and a stride-2
     classifier stem, 15 to 17.5 minutes on 2 CPU cores, whose top directions also dimmed the
