@@ -1141,7 +1141,7 @@ def _print_ranking(result: dict[str, Any]) -> None:
 @click.option(
     "--n-cells",
     type=int,
-    default=24,
+    default=64,
     show_default=True,
     help="Cells edited per direction (curves and measurements).",
 )
