@@ -106,6 +106,7 @@ def test_quick_demo_writes_every_stage(demo_run: Path) -> None:
     assert seeds[1] - seeds[0] == 100
     assert [r["directions"] for r in metrics["restarts"]] == [[0, 2], [3, 5]]
     summary = read_json(out / "explanations" / "summary.json")
+    assert summary["ddim_steps"] == ranking["ddim_steps"]  # the readout measures the ranked edit
     names = [item["name"] for item in summary["items"]]
     assert len(names) == len(ranking["directions"]) + 1  # ranked + class-mean reference
     for name in names:
@@ -518,7 +519,9 @@ def test_default_preset_is_fast_with_the_measured_settings() -> None:
 
     default, fast = demo_preset("default", 5), demo_preset("fast", 5)
     assert default.preset == "default" and default.directions.seed == 5
-    assert default.autoencoder == replace(fast.autoencoder, classifier_output="features")
+    assert default.autoencoder == replace(
+        fast.autoencoder, classifier_output="features", eval_images=64
+    )
     moved = dict(
         restarts=1,
         alpha=3.5,
@@ -576,6 +579,9 @@ def test_explain_unranked_pairs(demo_run: Path, tmp_path: Path, capsys) -> None:
         assert main([*base, "--unranked", bad]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main([*base, "--ddim-steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "ddim_steps must be >= 1, got 0" in err and len(err.strip().splitlines()) == 1
     assert {p.name for p in (run / "explanations").iterdir()} == before  # nothing touched
     name = f"unranked_dir{pair[0]}{'+' if pair[1] > 0 else '-'}"
     assert main([*base, "--unranked", name[len("unranked_dir") :]]) == 0

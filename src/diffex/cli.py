@@ -1152,7 +1152,12 @@ def _print_ranking(result: dict[str, Any]) -> None:
     show_default=True,
     help="Frames of the sweep from -alpha to +alpha (odd).",
 )
-@click.option("--ddim-steps", type=int, default=20, show_default=True, help="DDIM steps.")
+@click.option(
+    "--ddim-steps",
+    type=int,
+    default=None,
+    help="DDIM steps [default: the ranking's, so the readout measures the edit it chose].",
+)
 @click.option(
     "--measure/--no-measure",
     default=True,

@@ -31,7 +31,7 @@ from diffex.explain.guard import flagged_frames, imaging_drift, reference_spread
 from diffex.explain.latents import encode_cached
 from diffex.explain.legibility import real_class_stats
 from diffex.explain.methods import load_direction_set
-from diffex.explain.rank import heldout_split, prober, source_images
+from diffex.explain.rank import RankConfig, heldout_split, prober, source_images
 from diffex.explain.support import PAST_SHARE, axis_range, past_data_share, past_frames
 from diffex.io.atomic import write_json
 from diffex.log import info, track, warn
@@ -54,12 +54,15 @@ class ExplainConfig:
     "Exact inversion").
     ``n_cells``: cells edited per direction, for the curves and the morphology readout; 64, as
     many as the ranking scores, because on 24 cells the readout's 95 % interval on a class-gap
-    fraction was about +-0.16 gaps wide (BENCHMARKS: "The readout on 64 cells")."""
+    fraction was about +-0.16 gaps wide (BENCHMARKS: "The readout on 64 cells").
+    ``ddim_steps``: None decodes with the ranking's steps (``ranking.json``; 10 in every demo
+    preset), so the readout measures the edit the ranking chose (BENCHMARKS: "The readout on
+    64 cells": the strips look the same at 10 steps as at 20)."""
 
     n_cells: int = 64
     n_strip: int = 6
     n_alphas: int = 7
-    ddim_steps: int = 20
+    ddim_steps: int | None = None
     batch_size: int = 128
     reference: bool = True
     measure: bool = True
@@ -76,6 +79,8 @@ class ExplainConfig:
             raise DiffexError(f"n_alphas must be odd and >= 3 (it includes 0), got {self.n_alphas}")
         if self.n_cells < 2:
             raise DiffexError(f"n_cells must be >= 2, got {self.n_cells}")
+        if self.ddim_steps is not None and self.ddim_steps < 1:
+            raise DiffexError(f"ddim_steps must be >= 1, got {self.ddim_steps}")
 
 
 def sweep(
@@ -180,8 +185,9 @@ def explain_run(
     target_name = dset.ranking["target_class"]
     held = load_split(plan, heldout_split(plan))  # read once: source cells and guard cells
     x, keys = source_images(plan, target, cfg.n_cells, cfg.seed + 1, data=held)
+    steps = cfg.ddim_steps or int(dset.ranking.get("ddim_steps", RankConfig.ddim_steps))
     info(f"explain: encoding {len(x)} cells")
-    z, x_T = encode_cached(ae, run, x, keys, cfg.ddim_steps, cfg.batch_size)
+    z, x_T = encode_cached(ae, run, x, keys, steps, cfg.batch_size)
     probs = prober(ae)
     out = dset.folder / "explanations"
     class_stats, spot_floor = real_class_stats(plan) if cfg.measure else (None, None)
@@ -195,6 +201,7 @@ def explain_run(
         "target_class": target_name,
         "alphas": (float(dset.ranking["alpha"]) * np.linspace(-1, 1, cfg.n_alphas)).tolist(),
         "n_cells": len(x),
+        "ddim_steps": steps,
         "precision": ae.decode_precision,
         "inversion": ae.inversion,
         "spot_floor": spot_floor,
@@ -205,7 +212,7 @@ def explain_run(
         name, label = item.name, item.label
         alphas = np.linspace(-item.alpha, item.alpha, cfg.n_alphas)
         moved = edited_latents(dset.space, z, item.units, alphas)
-        frames = decode_sweep(ae, moved, x_T, len(alphas), cfg.ddim_steps, cfg.batch_size)
+        frames = decode_sweep(ae, moved, x_T, len(alphas), steps, cfg.batch_size)
         per_alpha = moved.reshape(len(alphas), len(z), -1)
         past = [past_data_share(dset.space, m, target, bounds) for m in per_alpha]
         beyond = [share >= PAST_SHARE for share in past]
