@@ -7,7 +7,6 @@ STAMP := $(VENV)/.diffex-installed
 PYTHON ?= python3
 # Test processes (pytest-xdist): each uses one thread; 2 fits the 2-core CI machine.
 TEST_WORKERS ?= 2
-export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test lint install browser clean
 
@@ -33,8 +32,9 @@ browser:
 	    apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
 	  echo "warning: chromium is missing (apt-get install chromium); browser tests will skip"
 
+# The test workers run one thread each; their OpenMP threads sleep when idle.
 test: $(STAMP) lint browser
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf runs/demo .pytest_cache

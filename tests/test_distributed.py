@@ -141,3 +141,19 @@ def test_a_stage_runs_unchanged_under_torchrun(tmp_path: Path) -> None:
     # both ranks end with the same model (weights and BatchNorm statistics): same scores
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("test: accuracy")]
     assert len(lines) == 2 and lines[0] == lines[1], proc.stdout
+
+
+@pytest.mark.parametrize(("local", "policy"), [("2", "PASSIVE"), ("1", None), ("", None)])
+def test_openmp_threads_sleep_only_in_multi_process_launches(
+    local: str, policy: str | None
+) -> None:
+    """Several processes on one machine: importing diffex makes idle OpenMP threads sleep. One
+    process keeps OpenMP's default policy (PASSIVE slowed its training steps 1.3 times)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "LOCAL_WORLD_SIZE")}
+    if local:
+        env["LOCAL_WORLD_SIZE"] = local
+    code = "import os, diffex; print(os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == str(policy)

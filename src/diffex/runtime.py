@@ -113,9 +113,8 @@ def seed_everything(seed: int) -> None:
 
 def configure_threads() -> None:
     """Use every core once (unless OMP_NUM_THREADS says otherwise), split between the processes
-    of a multi-process launch on one machine; OpenMP threads wait passively so a busy neighbour
-    does not stall us."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    of a multi-process launch on one machine (whose OpenMP threads then wait passively: see
+    ``diffex/__init__.py``)."""
     if os.environ.get("OMP_NUM_THREADS"):
         return  # the user chose; torch already follows OMP_NUM_THREADS
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
