@@ -1391,7 +1391,7 @@ def report(run: Path, out: Path | None) -> None:
     default="default",
     show_default=True,
     help="default: patched networks, an autoencoder conditioned on the classifier's features, "
-    "a decoded invariance penalty, one set of directions and the legibility rule (about 19 "
+    "a decoded invariance penalty, one set of directions and the legibility rule (about 15 "
     "minutes on 2 CPU cores); "
     "quick: toy sizes for tests (about a minute); classic: the default until 2026-12-08 "
     "(full-resolution autoencoder, one-step directions); fast: classic on the patched "

@@ -77,8 +77,8 @@ def demo_preset(name: str, seed: int = 0) -> DemoConfig:
     """``quick``: toy sizes for tests and CI (about a minute on 2 cores); ``default``: the CPU
     demo that shows the real effect, ``fast``'s networks with an autoencoder conditioned on the
     classifier's features, edits kept in the data's span, a decoded invariance penalty, one set
-    of directions and the legibility rule (about 19 minutes on 2 cores; BENCHMARKS: "The
-    default since 2026-12-08");
+    of directions and the legibility rule (about 15 minutes on 2 cores; BENCHMARKS: "The
+    default since 2026-12-08", "The readout on 64 cells, and OpenMP's wait policy");
     ``classic``: the default until 2026-12-08 (full-resolution autoencoder, one-step
     directions); ``fast``: ``classic`` on the patched autoencoder (``cpu64p``) and a stride-2
     classifier stem, 15 to 17.5 minutes on 2 CPU cores, whose top directions also dimmed the
@@ -121,10 +121,11 @@ def demo_preset(name: str, seed: int = 0) -> DemoConfig:
             preset="quick",
         )
     if name == "default":
-        # Seeds 0 and 1 pass the ground-truth checks, 2 and 3 do not (seed 2's actin edit
-        # overshoots to 2.09 class gaps; seed 3's grows the cell with the nucleus); "classic"
-        # failed seed 0 on the reference Xeon and took 38.8 minutes (BENCHMARKS: "The default
-        # since 2026-12-08", "The decoded penalty's BatchNorm fix").
+        # Seeds 0, 1 and 2 pass the ground-truth checks (seed 2's actin edit at 1.89 class
+        # gaps on the 64-cell readout), seed 3 does not (its top edit grows the cell with the
+        # nucleus); "classic" failed seed 0 on the reference Xeon and took 38.8 minutes
+        # (BENCHMARKS: "The readout on 64 cells, and OpenMP's wait policy", "The default since
+        # 2026-12-08", "The decoded penalty's BatchNorm fix").
         base = demo_preset("fast", seed)
         return replace(
             base,
