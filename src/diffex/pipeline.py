@@ -163,7 +163,7 @@ def demo_preset(name: str, seed: int = 0) -> DemoConfig:
             # Half the standalone command's 2000 steps, a higher peak learning rate, and the
             # consistency loss on a quarter of each batch: about 11 minutes on 2 cores instead
             # of 40 (README: "The demo's settings"). Round trips are scored with the 20 DDIM
-            # steps every later stage decodes with (the standalone command's 50 cost 2 minutes).
+            # steps the evaluation decodes with (the standalone command's 50 cost 2 minutes).
             autoencoder=AutoencoderTrainConfig(
                 steps=1000,
                 ddim_steps=20,
