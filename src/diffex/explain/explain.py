@@ -54,10 +54,11 @@ class ExplainConfig:
     "Exact inversion").
     ``n_cells``: cells edited per direction, for the curves and the morphology readout; 64, as
     many as the ranking scores, because on 24 cells the readout's 95 % interval on a class-gap
-    fraction was about +-0.16 gaps wide (BENCHMARKS: "The readout on 64 cells").
+    fraction was about +-0.16 gaps wide (BENCHMARKS: "The readout on 64 cells, and OpenMP's
+    wait policy").
     ``ddim_steps``: None decodes with the ranking's steps (``ranking.json``; 10 in every demo
-    preset), so the readout measures the edit the ranking chose (BENCHMARKS: "The readout on
-    64 cells": the strips look the same at 10 steps as at 20)."""
+    preset), so the readout measures the edit the ranking chose (the strips look the same at 10
+    steps as at 20)."""
 
     n_cells: int = 64
     n_strip: int = 6
